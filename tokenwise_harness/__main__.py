@@ -1,0 +1,3 @@
+from tokenwise_harness.cli import main
+
+raise SystemExit(main())
