@@ -1,0 +1,263 @@
+"""The X/Y activation cache: file format, streaming writer, lazy validated reader.
+
+Format (seed §1.4): `{label}.safetensors` with 2-D tensors `{module_path}.X` `[N, in]` and
+`{module_path}.Y` `[N, out]`, and string metadata `seed, cn, eu, length, save_dtype` plus
+`format_version`, `model_fingerprint`, `data_fingerprint`, `n_tokens` and `checksums`
+(a JSON object: tensor name -> sha256 of its bytes).
+
+The writer streams: every tensor's shape is known before the forward pass, so the header is
+written first and each batch's rows are written at their final offset as the hooks produce
+them. Peak memory is one batch of one module's activations, whatever the cache size. The
+checksums are known only at the end; the header reserves their space with same-length
+placeholders and is rewritten in place before the temp file is renamed to its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from tokenwise_harness.allowlist import Target, parse_target
+from tokenwise_harness.errors import HarnessError
+
+FORMAT_VERSION = "1"
+REQUIRED_META = ("seed", "cn", "eu", "length", "save_dtype")
+_ST_DTYPES = {"fp16": "F16", "fp32": "F32", "bf16": "BF16"}
+_ITEMSIZE = {"F16": 2, "F32": 4, "BF16": 2}
+
+
+def have_safetensors() -> bool:
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class _Slot:
+    name: str
+    dtype: str
+    shape: tuple[int, int]
+    begin: int
+    rows_written: int = 0
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[1] * _ITEMSIZE[self.dtype]
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file whose tensors arrive row-block by row-block, in row order."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, int]], save_dtype: str, metadata: dict[str, str]):
+        self.path = Path(path)
+        self.dtype = _ST_DTYPES[save_dtype]
+        self.metadata = dict(metadata)
+        self.slots: dict[str, _Slot] = {}
+        offset = 0
+        for name, shape in shapes.items():
+            self.slots[name] = _Slot(name, self.dtype, tuple(shape), offset)
+            offset += shape[0] * shape[1] * _ITEMSIZE[self.dtype]
+        self.data_bytes = offset
+        self.hashes = {name: hashlib.sha256() for name in shapes}
+        placeholder = {name: "0" * 64 for name in shapes}
+        self.header_len = len(self._header(placeholder))
+        self.fh = open(self.path, "wb")
+        self.fh.write(self._header(placeholder))
+        self.fh.truncate(self.header_len + self.data_bytes)
+
+    def _header(self, checksums: dict[str, str]) -> bytes:
+        meta = dict(self.metadata, checksums=json.dumps(checksums, sort_keys=True))
+        header = {"__metadata__": meta}
+        for slot in self.slots.values():
+            nbytes = slot.shape[0] * slot.row_bytes
+            header[slot.name] = {"dtype": slot.dtype, "shape": list(slot.shape),
+                                 "data_offsets": [slot.begin, slot.begin + nbytes]}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-(len(text) + 8) % 8)  # keep the data 8-byte aligned
+        return struct.pack("<Q", len(text)) + text
+
+    def write_rows(self, name: str, rows) -> None:
+        """Append the next rows (a 2-D CPU tensor already in the save dtype) of tensor `name`."""
+        slot = self.slots[name]
+        n = rows.shape[0]
+        if slot.rows_written + n > slot.shape[0] or rows.shape[1] != slot.shape[1]:
+            raise RuntimeError(f"{name}: rows beyond the declared shape {slot.shape}")
+        data = rows.contiguous().view(-1).view(torch_uint8()).numpy()
+        self.fh.seek(self.header_len + slot.begin + slot.rows_written * slot.row_bytes)
+        self.fh.write(data)
+        self.hashes[name].update(data)
+        slot.rows_written += n
+
+    def finish(self) -> None:
+        missing = [s.name for s in self.slots.values() if s.rows_written != s.shape[0]]
+        if missing:
+            raise RuntimeError(f"capture incomplete: {missing[:3]} not fully written")
+        checksums = {name: h.hexdigest() for name, h in self.hashes.items()}
+        header = self._header(checksums)
+        assert len(header) == self.header_len
+        self.fh.seek(0)
+        self.fh.write(header)
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+
+    def abort(self) -> None:
+        self.fh.close()
+
+
+def torch_uint8():
+    import torch
+
+    return torch.uint8
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    target: Target
+    x_key: str
+    y_key: str | None
+    in_dim: int
+    out_dim: int | None
+
+
+class XYCache:
+    """A validated, lazily read X/Y cache (`.safetensors`, or the `.pt` fallback)."""
+
+    def __init__(self, path: str | Path, flag: str = "--xy_path"):
+        self.path = Path(path)
+        self.flag = flag
+        if not self.path.is_file():
+            raise HarnessError(f"{flag} {self.path} does not exist; create it with `tokenwise-precision save_xy`")
+        if self.path.suffix == ".pt":
+            self._load_pt()
+        else:
+            self._load_safetensors_header()
+        self.entries = self._index_entries()
+        if not self.entries:
+            raise HarnessError(f"{flag} {self.path} holds no allowlisted `<module>.X` tensors; is it a save_xy cache?")
+        self.n_tokens = self._check_rows()
+
+    # -- header / metadata
+    def _load_safetensors_header(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                raw = fh.read(8)
+                if len(raw) < 8:
+                    raise ValueError("file shorter than the 8-byte header length")
+                (hlen,) = struct.unpack("<Q", raw)
+                size = os.fstat(fh.fileno()).st_size
+                if hlen > min(size - 8, 100 << 20):
+                    raise ValueError("header length runs past the end of the file")
+                header = json.loads(fh.read(hlen))
+        except (OSError, ValueError) as exc:
+            raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file ({exc}); "
+                               "re-create it with `tokenwise-precision save_xy`") from None
+        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self.shapes = {}
+        end = 0
+        for key, info in header.items():
+            try:
+                self.shapes[key] = (info["dtype"], tuple(info["shape"]))
+                end = max(end, info["data_offsets"][1])
+            except (KeyError, TypeError, IndexError):
+                raise HarnessError(f"{self.flag} {self.path}: tensor {key!r} has a malformed header entry") from None
+        if 8 + hlen + end > size:
+            raise HarnessError(f"{self.flag} {self.path} is truncated ({size} bytes, header promises "
+                               f"{8 + hlen + end}); re-create it with `tokenwise-precision save_xy`")
+        self._pt = None
+
+    def _load_pt(self) -> None:
+        import torch
+
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            raise HarnessError(f"{self.flag} {self.path} is not a readable .pt cache ({type(exc).__name__}); "
+                               "re-create it with `tokenwise-precision save_xy`") from None
+        if not isinstance(obj, dict):
+            raise HarnessError(f"{self.flag} {self.path} is not a save_xy .pt cache (not a dict)")
+        self.metadata = {str(k): str(v) for k, v in (obj.pop("__metadata__", None) or {}).items()}
+        self._pt = {k: v for k, v in obj.items() if hasattr(v, "shape")}
+        self.shapes = {k: (str(v.dtype), tuple(v.shape)) for k, v in self._pt.items()}
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """The seed's xy_meta: every metadata field except the bulky checksums."""
+        return {k: v for k, v in sorted(self.metadata.items()) if k != "checksums"}
+
+    def _index_entries(self) -> list[CacheEntry]:
+        entries = []
+        for key, (_, shape) in self.shapes.items():
+            if not key.endswith(".X"):
+                continue
+            target = parse_target(key[:-2])
+            if target is None:
+                continue
+            y_key = key[:-2] + ".Y"
+            y_shape = self.shapes.get(y_key, (None, None))[1]
+            if len(shape) != 2 or (y_shape is not None and len(y_shape) != 2):
+                raise HarnessError(f"{self.flag} {self.path}: {key} is not 2-D [N, dim]; re-create the cache")
+            entries.append(CacheEntry(target, key, y_key if y_shape else None, shape[1],
+                                      y_shape[1] if y_shape else None))
+        entries.sort(key=lambda e: e.target.sort_key())
+        return entries
+
+    def _check_rows(self) -> int:
+        rows = {self.shapes[k][1][0] for e in self.entries for k in (e.x_key, e.y_key) if k}
+        if len(rows) != 1:
+            raise HarnessError(f"{self.flag} {self.path}: tensors disagree on the token count {sorted(rows)}")
+        return rows.pop()
+
+    @cached_property
+    def targets(self) -> list[Target]:
+        return [e.target for e in self.entries]
+
+    def entry(self, target: Target) -> CacheEntry:
+        for e in self.entries:
+            if e.target == target:
+                return e
+        raise HarnessError(f"{self.flag} {self.path} has no key {target.path}.X")
+
+    # -- tensors
+    @cached_property
+    def _handle(self):
+        from safetensors import safe_open
+
+        return safe_open(str(self.path), framework="pt")
+
+    def rows(self, key: str, start: int, end: int):
+        """Rows [start, end) of one cached tensor, as stored (CPU)."""
+        if self._pt is not None:
+            return self._pt[key][start:end]
+        return self._handle.get_slice(key)[start:end]
+
+    def verify_checksums(self) -> None:
+        """Recompute every tensor's sha256 against the metadata (bit flips, partial copies)."""
+        expected = json.loads(self.metadata.get("checksums", "{}"))
+        if not expected:
+            return
+        for key, digest in expected.items():
+            if key not in self.shapes:
+                raise HarnessError(f"{self.flag} {self.path}: tensor {key} is missing; re-create the cache")
+            t = self._handle.get_tensor(key) if self._pt is None else self._pt[key]
+            got = hashlib.sha256(t.contiguous().view(-1).view(torch_uint8()).numpy()).hexdigest()
+            if got != digest:
+                raise HarnessError(f"{self.flag} {self.path}: tensor {key} fails its checksum (corrupted file); "
+                                   "re-create it with `tokenwise-precision save_xy`")
+
+    def check_model(self, fingerprint: str, model_flag: str, refresh_hint: str) -> None:
+        """Refuse a cache captured from another model (or a model whose weights changed since)."""
+        stored = self.metadata.get("model_fingerprint")
+        if stored and stored != fingerprint:
+            raise HarnessError(f"{self.flag} {self.path} was captured from a different model than {model_flag} "
+                               f"(fingerprint {stored[:12]} != {fingerprint[:12]}); refresh it: {refresh_hint}")

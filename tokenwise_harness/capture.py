@@ -1,0 +1,169 @@
+"""save_xy: run representative data through the model once and cache every allowlisted
+projection's input X and output Y (seed §1).
+
+Forward hooks on exactly the allowlisted nn.Linear modules hand each batch's activations to
+the streaming cache writer, which puts them at their final offset on disk at once: the peak
+is one batch of one module's activations plus the model, never the whole cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from tokenwise_harness import __version__
+from tokenwise_harness.allowlist import iter_allowed_linears
+from tokenwise_harness.atomic import TMP_PREFIX, atomic_path, check_writable_dir
+from tokenwise_harness.cache import FORMAT_VERSION, StreamingSafetensorsWriter, have_safetensors
+from tokenwise_harness.checkpoint import ModelDir, load_model, load_tokenizer, resolve_torch_dtype
+from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.pipeline import pick_device
+
+SAVE_DTYPES = ("fp16", "fp32", "bf16")
+
+
+def validate_label(label: str) -> str:
+    if not label or "/" in label or "\\" in label or label in (".", "..") or label.startswith("."):
+        raise HarnessError(f"--label {label!r} must be a plain file name (no path separators, not hidden)")
+    return label
+
+
+def validate_counts(cn: int, eu: int, length: int) -> None:
+    if length <= 0:
+        raise HarnessError(f"--length {length} must be a positive token count")
+    if cn < 0 or eu < 0 or cn + eu == 0:
+        raise HarnessError(f"--cn {cn} / --eu {eu}: sample counts must be >= 0 and not both 0")
+
+
+def cache_path(save_path: Path, label: str) -> Path:
+    return Path(save_path) / (label + (".safetensors" if have_safetensors() else ".pt"))
+
+
+def clear_leftovers(final: Path) -> list[Path]:
+    """Remove temp files an interrupted earlier run left beside `final`; return them."""
+    leftovers = list(final.parent.glob(TMP_PREFIX + final.name + ".*"))
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
+
+
+def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch_dtype="auto",
+            device_map=None, save_dtype="fp16", use_cache=False, batch_size=8, device=None,
+            corpus=None, data_fn=None, trust_remote_code=False, progress=True, log=print) -> Path:
+    """Capture the cache; return its path. All flags are validated before the model loads."""
+    import torch
+
+    from tokenwise_harness import data
+
+    validate_label(label)
+    validate_counts(cn, eu, length)
+    if save_dtype not in SAVE_DTYPES:
+        raise HarnessError(f"--save_dtype {save_dtype!r} is unknown; use fp16 or fp32")
+    resolve_torch_dtype(torch_dtype)
+    if batch_size <= 0:
+        raise HarnessError(f"--batch_size {batch_size} must be positive")
+    mdir = ModelDir(model_dir)
+    final = cache_path(check_writable_dir(Path(save_path), "--save_path"), label)
+    if clear_leftovers(final):
+        log(f"save_xy: removed temp files of an interrupted earlier run; starting clean")
+
+    tokenizer = load_tokenizer(mdir, trust_remote_code)
+    model = load_model(mdir, torch_dtype, device_map, trust_remote_code)
+    if device_map is None:
+        model.to(pick_device(device))
+    in_device = model.get_input_embeddings().weight.device
+    targets = list(iter_allowed_linears(model))
+    if not targets:
+        raise HarnessError(f"--model_dir {mdir.path}: no allowlisted linear (model.layers.N.self_attn|mlp.*_proj)")
+
+    get_data = data_fn or data.get_veri_data
+    batch = get_data(tokenizer, seed, cn, length, eu, length, "cpu", **({"corpus": corpus} if corpus else {}))
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    n_tokens = input_ids.numel()
+    meta = {
+        "seed": str(seed), "cn": str(cn), "eu": str(eu), "length": str(length), "save_dtype": save_dtype,
+        "format_version": FORMAT_VERSION, "model_fingerprint": mdir.fingerprint,
+        "data_fingerprint": data.data_fingerprint(batch), "n_tokens": str(n_tokens),
+        "model_name": mdir.name, "torch_dtype": str(torch_dtype), "harness_version": __version__,
+    }
+    shapes = {}
+    for target, mod in targets:
+        shapes[target.path + ".X"] = (n_tokens, mod.in_features)
+        shapes[target.path + ".Y"] = (n_tokens, mod.out_features)
+    store_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[save_dtype]
+
+    started = time.perf_counter()
+    with atomic_path(final, "--save_path") as tmp:
+        sink = _make_sink(tmp, shapes, save_dtype, meta)
+        try:
+            with _hooks(targets, sink, store_dtype):
+                _run_batches(model, input_ids, mask, batch_size, in_device, use_cache, progress)
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
+    log(f"save_xy: {len(targets)} projections x {n_tokens} tokens -> {final} "
+        f"({final.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
+    return final
+
+
+def _run_batches(model, input_ids, mask, batch_size, device, use_cache, progress) -> None:
+    import torch
+    from tqdm import tqdm
+
+    starts = range(0, input_ids.shape[0], batch_size)
+    with torch.inference_mode():
+        for s in tqdm(starts, desc="save_xy", unit="batch", disable=not progress):
+            model(input_ids=input_ids[s:s + batch_size].to(device),
+                  attention_mask=mask[s:s + batch_size].to(device), use_cache=use_cache)
+
+
+@contextlib.contextmanager
+def _hooks(targets, sink, store_dtype):
+    """Forward hooks streaming each allowlisted module's X and Y into the sink."""
+    import torch
+
+    def make_hook(path):
+        def hook(mod, inputs, output):
+            x = inputs[0].reshape(-1, mod.in_features).to(store_dtype).cpu()
+            y = output.reshape(-1, mod.out_features).to(store_dtype).cpu()
+            for name, t in ((path + ".X", x), (path + ".Y", y)):
+                if not torch.isfinite(t).all():
+                    raise HarnessError(f"{name}: activations are NaN/Inf after casting to the save dtype; "
+                                       "use --save_dtype fp32 or check the model weights")
+                sink.write_rows(name, t)
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(t.path)) for t, mod in targets]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _PtSink:
+    """The `.pt` fallback when safetensors is missing: rows gathered in RAM, torch.save at the end."""
+
+    def __init__(self, path, shapes, meta):
+        self.path, self.meta = path, meta
+        self.parts = {name: [] for name in shapes}
+
+    def write_rows(self, name, rows):
+        self.parts[name].append(rows.clone())
+
+    def finish(self):
+        import torch
+
+        tensors = {k: torch.cat(v) for k, v in self.parts.items()}
+        torch.save({"__metadata__": self.meta, **tensors}, self.path)
+
+    def abort(self):
+        self.parts.clear()
+
+
+def _make_sink(tmp: Path, shapes, save_dtype, meta):
+    if have_safetensors():
+        return StreamingSafetensorsWriter(tmp, shapes, save_dtype, meta)
+    return _PtSink(tmp, shapes, meta)

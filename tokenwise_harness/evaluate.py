@@ -1,0 +1,242 @@
+"""The evaluation engine: every config of a grid, one weight at a time (seed §2, §3).
+
+For a projection with cached input X, cached output Y, weight W and bias b, a config's
+fake-quantized weight W~ gives Y~ = X W~ᵀ + b. The engine forms the error directly:
+
+    E = Y~ - Y = X ΔWᵀ + r,    ΔW = W~ - W,    r = X Wᵀ + b - Y
+
+r is the cached Y's own rounding (zero when Y is not cached and is recomputed): one term per
+weight and chunk, shared by every config. Computing E as X ΔWᵀ never subtracts two nearly
+equal large tensors, which is what loses the error's digits in low precision.
+
+With smoothing (eval_smooth) the stored weight is already W·diag(s) and X is divided by s.
+
+Walk order: weight by weight (read from the checkpoint's safetensors shards, no model is
+instantiated), one low-rank decomposition per weight shared by every rank, all ΔW of the
+grid resident together while the X chunks stream past, so X is read once per weight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from tokenwise_harness.allowlist import Target, iter_allowed_linears
+from tokenwise_harness.cache import XYCache
+from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.grid import SvdqConfig
+from tokenwise_harness.metrics import TokenwiseAccumulator
+
+# All ΔW of a group of configs stay resident while X streams; past this many bytes the grid
+# is split into groups and X is streamed once per group.
+DELTA_BUDGET_BYTES = 2 << 30
+
+
+@dataclass
+class WeightTriple:
+    weight: "object"  # float32 [out, in] on the compute device
+    bias: "object | None"
+    smooth: "object | None"  # [in] or None
+
+
+@dataclass
+class EngineStats:
+    weights: int = 0
+    configs: int = 0
+    decompositions: int = 0
+    seconds_decompose: float = 0.0
+    seconds_quantize: float = 0.0
+    seconds_error: float = 0.0
+    per_weight: list = field(default_factory=list)
+
+
+class CheckpointWeights:
+    """Weights straight from a model dir's safetensors shards."""
+
+    def __init__(self, model_dir, smooth: bool):
+        self.model_dir = model_dir
+        self.smooth = smooth
+
+    def targets(self) -> list[Target]:
+        return self.model_dir.targets()
+
+    def get(self, target: Target, device) -> WeightTriple:
+        import torch
+
+        w = self.model_dir.read(target.path + ".weight")
+        b = self.model_dir.read(target.path + ".bias")
+        s = self.model_dir.read(target.path + ".smooth_factor") if self.smooth else None
+        if self.smooth and s is None:
+            raise HarnessError(f"{target.path} has no smooth_factor buffer; create the smoothed model with "
+                               "`tokenwise-precision smooth`")
+        conv = lambda t: None if t is None else t.to(device=device, dtype=torch.float32)  # noqa: E731
+        return WeightTriple(conv(w), conv(b), conv(s))
+
+
+class ModuleWeights:
+    """Weights of an instantiated model (a .bin checkpoint, or a user's model-level fake_op)."""
+
+    def __init__(self, model, smooth: bool):
+        self.modules = dict(iter_allowed_linears(model))
+        self.smooth = smooth
+
+    def targets(self) -> list[Target]:
+        return sorted(self.modules, key=Target.sort_key)
+
+    def get(self, target: Target, device, weight=None) -> WeightTriple:
+        import torch
+
+        mod = self.modules[target]
+        s = getattr(mod, "smooth_factor", None) if self.smooth else None
+        if self.smooth and s is None:
+            raise HarnessError(f"{target.path} has no smooth_factor buffer")
+        conv = lambda t: None if t is None else t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
+        return WeightTriple(conv(mod.weight if weight is None else weight), conv(mod.bias), conv(s))
+
+
+def check_alignment(cache: XYCache, targets: list[Target], model_flag: str) -> list[Target]:
+    """The targets both sides hold; a projection on one side only is an error."""
+    in_cache, in_model = set(cache.targets), set(targets)
+    if in_model - in_cache:
+        missing = sorted(in_model - in_cache, key=Target.sort_key)[0]
+        raise HarnessError(f"{cache.flag} {cache.path} lacks key {missing.path}.X that {model_flag} has; "
+                           "the cache is from another model or incomplete: re-run save_xy")
+    if in_cache - in_model:
+        extra = sorted(in_cache - in_model, key=Target.sort_key)[0]
+        raise HarnessError(f"{cache.flag} {cache.path} holds {extra.path}.X but {model_flag} has no such "
+                           "projection; the cache is from another model")
+    return sorted(in_model, key=Target.sort_key)
+
+
+def check_ranks(grid: Iterable[SvdqConfig], target: Target, weight_shape) -> None:
+    limit = min(weight_shape)
+    for cfg in grid:
+        if cfg.rank > limit:
+            raise HarnessError(f"--ranks: rank {cfg.rank} exceeds min(out, in) = {limit} of {target.path}")
+
+
+def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, quantized: dict[str, "object"],
+                    chunk_tokens: int, device) -> dict[str, dict]:
+    """Metrics of every fake-quantized weight in `quantized` (cfg key -> W~) for one projection."""
+    import torch
+
+    entry = cache.entry(target)
+    w, b, s = triple.weight, triple.bias, triple.smooth
+    if entry.in_dim != w.shape[1] or (entry.out_dim is not None and entry.out_dim != w.shape[0]):
+        raise HarnessError(f"{cache.flag} {cache.path}: {target.path} X/Y dims ({entry.in_dim}, {entry.out_dim}) "
+                           f"do not match the weight {tuple(w.shape)}; the cache is from another model")
+    deltas = {key: (wq.to(device=device, dtype=torch.float32) - w) for key, wq in quantized.items()}
+    accs = {key: TokenwiseAccumulator() for key in quantized}
+    for start in range(0, cache.n_tokens, chunk_tokens):
+        end = min(start + chunk_tokens, cache.n_tokens)
+        x = cache.rows(entry.x_key, start, end).to(device=device, dtype=torch.float32)
+        if s is not None:
+            x = x / s
+        _check_finite(x, cache, entry.x_key)
+        ref = torch.addmm(b, x, w.T) if b is not None else x @ w.T
+        if entry.y_key is not None:
+            y = cache.rows(entry.y_key, start, end).to(device=device, dtype=torch.float32)
+            _check_finite(y, cache, entry.y_key)
+            resid = ref - y
+        else:
+            y, resid = ref, None
+        y_sq = (y * y).sum(dim=1)
+        for key, dw in deltas.items():
+            err = x @ dw.T
+            if resid is not None:
+                err += resid
+            accs[key].update(err, y_sq)
+    return {key: acc.result() for key, acc in accs.items()}
+
+
+def _check_finite(t, cache: XYCache, key: str) -> None:
+    import torch
+
+    if not torch.isfinite(t).all():
+        raise HarnessError(f"{cache.flag} {cache.path}: {key} holds NaN/Inf activations; "
+                           "re-capture with --save_dtype fp32")
+
+
+def config_groups(grid: list[SvdqConfig], weight_numel: int) -> list[list[SvdqConfig]]:
+    """Split the grid so that one group's ΔW tensors fit DELTA_BUDGET_BYTES."""
+    per_group = max(1, DELTA_BUDGET_BYTES // max(1, 4 * weight_numel))
+    return [grid[i:i + per_group] for i in range(0, len(grid), per_group)]
+
+
+def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: int, device,
+                  targets: list[Target] | None = None, progress: bool = True,
+                  stats: EngineStats | None = None, quantize_fn: Callable | None = None) -> dict:
+    """{(layer, block, proj): {cfg key: metrics}} for every target (default: all of them)."""
+    from tqdm import tqdm
+
+    from tokenwise_harness import svdq
+
+    quantize_fn = quantize_fn or svdq.fake_quantize_weight
+    stats = stats if stats is not None else EngineStats()
+    targets = targets if targets is not None else check_alignment(cache, source.targets(), "the model")
+    max_rank = max((c.rank for c in grid), default=0)
+    results = {}
+    for target in tqdm(targets, desc="eval", unit="proj", disable=not progress):
+        triple = source.get(target, device)
+        check_ranks(grid, target, triple.weight.shape)
+        _check_weight_finite(triple, target)
+        t0 = time.perf_counter()
+        lowrank = svdq.LowRank(triple.weight, max_rank) if max_rank > 0 else None
+        t1 = time.perf_counter()
+        stats.decompositions += lowrank is not None
+        stats.seconds_decompose += t1 - t0
+        metrics = {}
+        for group in config_groups(grid, triple.weight.numel()):
+            t2 = time.perf_counter()
+            quantized = {cfg.key: quantize_fn(triple.weight, cfg, lowrank=lowrank, name=target.path)
+                         for cfg in group}
+            t3 = time.perf_counter()
+            metrics.update(evaluate_weight(cache, target, triple, quantized, chunk_tokens, device))
+            stats.seconds_quantize += t3 - t2
+            stats.seconds_error += time.perf_counter() - t3
+        results[(target.layer, target.block, target.proj)] = {cfg.key: metrics[cfg.key] for cfg in grid}
+        stats.weights += 1
+    stats.configs = len(grid)
+    return results
+
+
+def _check_weight_finite(triple: WeightTriple, target: Target) -> None:
+    import torch
+
+    for name, t in (("weight", triple.weight), ("bias", triple.bias), ("smooth_factor", triple.smooth)):
+        if t is not None and not torch.isfinite(t).all():
+            raise HarnessError(f"{target.path}.{name} holds NaN/Inf values; fix the checkpoint")
+    if triple.smooth is not None and not (triple.smooth > 0).all():
+        raise HarnessError(f"{target.path}.smooth_factor has non-positive entries; re-run `tokenwise-precision smooth`")
+
+
+def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[SvdqConfig], chunk_tokens: int,
+                           device, smooth: bool, no_restore: bool = False, progress: bool = True) -> dict:
+    """The seed's flow for a user's in-place model-level fake_op.
+
+    The allowlisted weights are backed up once (on the CPU, as the seed does); each config is
+    applied to the whole model, every projection is scored against its original weight, and
+    the weights are restored before the next config unless no_restore.
+    """
+    import torch
+    from tqdm import tqdm
+
+    source = ModuleWeights(model, smooth)
+    targets = check_alignment(cache, source.targets(), "the model")
+    backup = {t: source.modules[t].weight.detach().to("cpu", copy=True) for t in targets}
+    results = {(t.layer, t.block, t.proj): {} for t in targets}
+    for cfg in tqdm(grid, desc="eval (model-level fake_op)", unit="cfg", disable=not progress):
+        with torch.no_grad():
+            fake_op(model, cfg)
+        for t in targets:
+            original = source.get(t, device, weight=backup[t])
+            _check_weight_finite(original, t)
+            quantized = source.modules[t].weight.detach()
+            metrics = evaluate_weight(cache, t, original, {cfg.key: quantized}, chunk_tokens, device)
+            results[(t.layer, t.block, t.proj)][cfg.key] = metrics[cfg.key]
+        if not no_restore:
+            with torch.no_grad():
+                for t in targets:
+                    source.modules[t].weight.copy_(backup[t])
+    return results

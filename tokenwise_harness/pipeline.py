@@ -1,0 +1,166 @@
+"""The seed's evaluation flows end to end: resolve inputs, run the engine, write the report.
+
+Shared by the CLI (eval_fake / eval_smooth) and the pytest plugin, so both score the same
+numbers from the same code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tokenwise_harness import __version__
+from tokenwise_harness.cache import XYCache
+from tokenwise_harness.checkpoint import ModelDir, load_model
+from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.smooth import SMOOTH_META_FILE
+from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
+
+
+
+def resolve_callable(spec: str, flag: str) -> Callable:
+    """'package.module:function' -> the function (a user's own implementation)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise HarnessError(f"{flag} {spec!r} must look like package.module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HarnessError(f"{flag} {spec!r}: cannot import {module_name} ({exc})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise HarnessError(f"{flag} {spec!r}: {module_name} has no function {attr}")
+    return fn
+
+
+def pick_device(device: str | None, flag: str = "--device") -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise HarnessError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
+    if not (str(device) == "cpu" or str(device).startswith("cuda")):
+        raise HarnessError(f"{flag} {device!r} is unknown; use cpu, cuda or cuda:N")
+    return str(device)
+
+
+@dataclass
+class EvalSpec:
+    """Everything an evaluation needs, validated before any heavy work."""
+
+    model_dir: str
+    xy_path: str
+    ranks: list[int]
+    qspecs: list[QSpec]
+    grid_mode: str = "combined"
+    chunk_tokens: int = 4096
+    smooth: bool = False
+    quantizer: str | None = None
+    no_restore: bool = False
+    torch_dtype: str = "auto"
+    device_map: str | None = None
+    device: str | None = None
+    act_qspecs: list[QSpec] = field(default_factory=list)
+    lowrank_iters: int = 1
+    verify_cache: bool = False
+    model_flag: str = "--model_dir"
+
+    @classmethod
+    def from_text(cls, ranks: str, qspecs: str, **kw) -> "EvalSpec":
+        return cls(ranks=parse_ranks(ranks), qspecs=parse_qspecs(qspecs), **kw)
+
+    def grid(self) -> list[SvdqConfig]:
+        return build_grid(self.ranks, self.qspecs, self.grid_mode, self.act_qspecs, self.lowrank_iters)
+
+
+def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
+    """A cache must come from this model (or, for a smoothed dir, from the model it was made from)."""
+    fingerprint = mdir.fingerprint
+    if smooth:
+        import json
+
+        meta_file = mdir.path / SMOOTH_META_FILE
+        if meta_file.is_file():
+            fingerprint = json.loads(meta_file.read_text()).get("source_model_fingerprint", fingerprint)
+    hint = f"tokenwise-precision save_xy --model_dir <the model> --save_path {cache.path.parent} " \
+           f"--label {cache.path.stem}"
+    cache.check_model(fingerprint, "--smooth_model_dir" if smooth else "--model_dir", hint)
+
+
+def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
+    """Score the grid; return the §2.5 report (not yet written)."""
+    from tokenwise_harness import evaluate, report
+
+    if spec.chunk_tokens <= 0:
+        raise HarnessError(f"--chunk_tokens {spec.chunk_tokens} must be a positive token count")
+    grid = spec.grid()
+    device = pick_device(spec.device)
+    fake_op = resolve_callable(spec.quantizer, "--quantizer") if spec.quantizer else None
+    mdir = ModelDir(spec.model_dir, spec.model_flag)
+    cache = XYCache(spec.xy_path)
+    check_cache_model(cache, mdir, spec.smooth)
+    if spec.verify_cache:
+        cache.verify_checksums()
+    started = time.perf_counter()
+    stats = evaluate.EngineStats()
+    if fake_op is not None:
+        model = _load_for_eval(mdir, spec)
+        results = evaluate.evaluate_with_model_op(cache, model, fake_op, grid, spec.chunk_tokens, device,
+                                                  spec.smooth, spec.no_restore, progress)
+        engine = "model-level fake_op"
+    elif mdir.safetensors_index is not None and mdir.targets():
+        source = evaluate.CheckpointWeights(mdir, spec.smooth)
+        results = evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device,
+                                         progress=progress, stats=stats)
+        engine = "per-weight (checkpoint shards)"
+    else:
+        model = _load_for_eval(mdir, spec)
+        source = evaluate.ModuleWeights(model, spec.smooth)
+        results = evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device,
+                                         progress=progress, stats=stats)
+        engine = "per-weight (loaded model)"
+    meta = {
+        "xy_path": str(spec.xy_path),
+        "xy_meta": cache.meta,
+        "grid_mode": spec.grid_mode,
+        "ranks": list(spec.ranks),
+        "qspecs": [[q.fmt, str(q.blk)] for q in spec.qspecs],
+        "smooth": spec.smooth,
+        "chunk_tokens": spec.chunk_tokens,
+        "model_dir": str(spec.model_dir),
+        "model_fingerprint": mdir.fingerprint,
+        "configs": [c.key for c in grid],
+        "quantizer": spec.quantizer or "tokenwise_harness.svdq:fake_op",
+        "engine": engine,
+        "harness_version": __version__,
+    }
+    if spec.act_qspecs:
+        meta["act_qspecs"] = [[q.fmt, str(q.blk)] for q in spec.act_qspecs]
+    smooth_meta = _smooth_meta(mdir) if spec.smooth else None
+    if smooth_meta:
+        meta["smooth_meta"] = smooth_meta
+    log(f"eval: {len(results)} projections x {len(grid)} configs in {time.perf_counter() - started:.1f} s "
+        f"({engine})")
+    return report.build_report(meta, results)
+
+
+def _smooth_meta(mdir: ModelDir) -> dict | None:
+    import json
+
+    f = mdir.path / SMOOTH_META_FILE
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    return {k: v for k, v in data.items() if k in ("alpha", "formula", "alphas", "source_model_fingerprint")}
+
+
+def _load_for_eval(mdir: ModelDir, spec: EvalSpec):
+    if spec.smooth:
+        from tokenwise_harness.smooth import load_smoothed_model
+
+        return load_smoothed_model(str(mdir.path))
+    return load_model(mdir, spec.torch_dtype, spec.device_map)

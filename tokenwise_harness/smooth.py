@@ -1,0 +1,170 @@
+"""SmoothQuant: per-channel factors from a cache, smoothed model dirs, and loading them.
+
+Formula (per input channel j of a projection's input, shared by the projections that read
+the same input: q/k/v, gate/up; o and down alone):
+
+    s_j = max_t |X_tj|^alpha / max_i |W_ij|^(1 - alpha)     clamped to [1e-5, 1e5]
+
+where the max over i runs over the rows of every projection sharing the input. Which side is
+which: the smoothed weight is W'_ij = W_ij * s_j (multiplied, stored in the smoothed model's
+weights) and the activation is divided, X'_tj = X_tj / s_j, so X' W'ᵀ = X Wᵀ exactly in
+real arithmetic. A smoothed model dir stores W' in its shards plus each allowlisted linear's
+`smooth_factor` tensor s; `load_smoothed_model` registers s as a buffer and divides the
+linear's input by it in a forward pre-hook, so the loaded model computes the original
+function. eval_smooth divides the cached X by s and scores X' W~'ᵀ against Y (seed §3).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tokenwise_harness.allowlist import Target
+from tokenwise_harness.cache import XYCache
+from tokenwise_harness.checkpoint import ModelDir, load_model
+from tokenwise_harness.errors import HarnessError
+
+SMOOTH_META_FILE = "tokenwise_smooth.json"
+FORMULA = "s_j = max|X_j|^alpha / max|W_j|^(1-alpha); W' = W*s (input dim), X' = X/s"
+CLAMP = (1e-5, 1e5)
+
+
+def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096):
+    """max_t |X_tj| of one projection's cached input, streamed in chunks."""
+    import torch
+
+    entry = cache.entry(target)
+    amax = torch.zeros(entry.in_dim, dtype=torch.float32)
+    for start in range(0, cache.n_tokens, chunk_tokens):
+        x = cache.rows(entry.x_key, start, min(start + chunk_tokens, cache.n_tokens)).float()
+        if not torch.isfinite(x).all():
+            raise HarnessError(f"--xy_path {cache.path}: {entry.x_key} holds NaN/Inf activations")
+        amax = torch.maximum(amax, x.abs().amax(dim=0))
+    return amax
+
+
+def smooth_factor(act_amax, weight_amax, alpha: float):
+    """The SmoothQuant factor from per-channel activation and weight maxima."""
+    import torch
+
+    a = act_amax.double().clamp_min(CLAMP[0])
+    w = weight_amax.double().clamp_min(CLAMP[0])
+    return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(*CLAMP).to(torch.float32)
+
+
+def compute_factors(mdir: ModelDir, cache: XYCache, alpha: float, chunk_tokens: int = 4096) -> dict:
+    """{target: s} for every allowlisted projection; siblings sharing an input share s."""
+    import torch
+
+    groups: dict[str, list[Target]] = {}
+    for target in mdir.targets():
+        groups.setdefault(target.input_group, []).append(target)
+    factors = {}
+    for members in groups.values():
+        act = activation_absmax(cache, members[0], chunk_tokens)
+        w_amax = torch.stack([mdir.read(t.path + ".weight").float().abs().amax(dim=0) for t in members]).amax(0)
+        if w_amax.shape != act.shape:
+            raise HarnessError(f"--xy_path {cache.path}: {members[0].path}.X has {act.shape[0]} channels but the "
+                               f"weight has {w_amax.shape[0]}; the cache is from another model")
+        s = smooth_factor(act, w_amax, alpha)
+        for t in members:
+            factors[t] = s
+    return factors
+
+
+def write_smoothed_model(mdir: ModelDir, out_dir: Path, factors: dict, meta: dict) -> Path:
+    """Rewrite the shards with W*s and smooth_factor tensors; copy everything else. Atomic."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise HarnessError(f"--out_dir {out_dir} exists and is not empty; pick a new directory")
+    if mdir.safetensors_index is None:
+        raise HarnessError(f"--model_dir {mdir.path}: smoothing needs safetensors weights")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        by_weight = {t.path + ".weight": (t, s) for t, s in factors.items()}
+        new_keys: dict[str, str] = {}
+        for f in mdir.path.iterdir():
+            if f.suffix == ".safetensors":
+                tensors = load_file(str(f))
+                for name in list(tensors):
+                    if name in by_weight:
+                        t, s = by_weight[name]
+                        w = tensors[name]
+                        tensors[name] = (w.float() * s).to(w.dtype)
+                        tensors[t.path + ".smooth_factor"] = s.clone()
+                        new_keys[t.path + ".smooth_factor"] = f.name
+                save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
+            elif f.is_file():
+                shutil.copy2(f, tmp / f.name)
+        _extend_index(tmp, new_keys)
+        (tmp / SMOOTH_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _extend_index(directory: Path, new_keys: dict[str, str]) -> None:
+    index_file = directory / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return
+    index = json.loads(index_file.read_text())
+    index.setdefault("weight_map", {}).update(new_keys)
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def smooth(model_dir, xy_path, out_dir, alpha: float = 0.5, chunk_tokens: int = 4096, log=print) -> Path:
+    """The `smooth` subcommand."""
+    if not (0.0 <= alpha <= 1.0):
+        raise HarnessError(f"--alpha {alpha} must lie in [0, 1]")
+    mdir = ModelDir(model_dir)
+    cache = XYCache(xy_path)
+    hint = f"tokenwise-precision save_xy --model_dir {mdir.path} --save_path {cache.path.parent} --label {cache.path.stem}"
+    cache.check_model(mdir.fingerprint, "--model_dir", hint)
+    factors = compute_factors(mdir, cache, alpha, chunk_tokens)
+    meta = {"alpha": alpha, "formula": FORMULA, "source_model_fingerprint": mdir.fingerprint,
+            "xy_path": str(xy_path), "xy_data_fingerprint": cache.metadata.get("data_fingerprint", "")}
+    out = write_smoothed_model(mdir, out_dir, factors, meta)
+    log(f"smooth: {len(factors)} projections smoothed (alpha={alpha}) -> {out}")
+    return out
+
+
+def load_smoothed_model(model_dir, torch_dtype="auto", device_map=None):
+    """The seed's interface: load a smoothed model with `smooth_factor` buffers on its linears.
+
+    The buffers come from the shards; a forward pre-hook divides each smoothed linear's input
+    by its factor, so the model computes the original function.
+    """
+    from tokenwise_harness.allowlist import iter_allowed_linears
+
+    mdir = ModelDir(model_dir, "--smooth_model_dir")
+    model = load_model(mdir, torch_dtype, device_map)
+    for target, mod in iter_allowed_linears(model):
+        s = mdir.read(target.path + ".smooth_factor")
+        if s is None:
+            continue
+        _set_or_register_buffer(mod, "smooth_factor", s.to(mod.weight.device))
+        mod.register_forward_pre_hook(_divide_input)
+    return model
+
+
+def _set_or_register_buffer(mod, name, tensor) -> None:
+    if name in mod._buffers:
+        mod._buffers[name] = tensor
+    else:
+        mod.register_buffer(name, tensor)
+
+
+def _divide_input(mod, args):
+    x = args[0]
+    return (x / mod.smooth_factor.to(x.dtype),) + tuple(args[1:])
