@@ -29,6 +29,7 @@ from tokenwise_harness.report import BLOCK_ORDER, iter_agg, iter_metrics, load_r
 
 MD_MAX_ROWS = 50
 MAX_PANELS = 12
+ANNOTATE_MAX_LAYERS = 8  # heatmap cells carry their nmse value up to this many layers
 
 RANK1_COLUMNS = (
     "config", "order_by", "rank", "layer", "block", "nmse_mean_over_proj", "nmse_max_over_proj",
@@ -252,21 +253,22 @@ def write_heatmap(report: Mapping, path: Path, max_panels: int = MAX_PANELS) -> 
         data = np.ma.masked_invalid(np.array(grids[cfg], dtype=float))
         image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
         _style_panel(ax, cfg, layers)
+        if len(layers) <= ANNOTATE_MAX_LAYERS:
+            _annotate(ax, grids[cfg], (vmin + vmax) / 2)
     for ax in axes[len(cfgs):]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=list(axes[: len(cfgs)]), label="log10(nmse)  (higher = more error)", shrink=0.9)
+    fig.colorbar(image, ax=list(axes[: len(cfgs)]), label="log10(nmse)  (higher = more error)",
+                 shrink=0.7, aspect=35)
     fig.suptitle(_heatmap_title(report, len(cfgs), len(all_cfgs)), fontsize=11)
     with atomic_path(path, "--out_dir") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=120)
     return path
 
 
 def _cmap():
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("#d0d0d0")
-    return cmap
+    return colormaps["viridis"].with_extremes(bad="#d0d0d0")
 
 
 def _style_panel(ax, cfg: str, layers: list[int]) -> None:
@@ -276,13 +278,23 @@ def _style_panel(ax, cfg: str, layers: list[int]) -> None:
     ax.set_xticklabels([p.removesuffix("_proj") for p in PROJ_ORDER], fontsize=8)
     ax.set_yticks(range(0, len(layers), step))
     ax.set_yticklabels([str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
-    ax.set_ylabel("layer", fontsize=8)
+    if ax.get_subplotspec().is_first_col():
+        ax.set_ylabel("layer", fontsize=8)
     ax.axvline(3.5, color="white", linewidth=2)  # self_attn | mlp
+
+
+def _annotate(ax, grid: list[list[float | None]], midpoint: float) -> None:
+    """Write each cell's nmse into it (small grids only); light text on the dark end of viridis."""
+    for row, values in enumerate(grid):
+        for col, value in enumerate(values):
+            if value is not None:
+                color = "white" if value < midpoint else "black"
+                ax.text(col, row, f"{10 ** value:.1e}", ha="center", va="center", fontsize=6, color=color)
 
 
 def _heatmap_title(report: Mapping, shown: int, total: int) -> str:
     meta = report["meta"]
-    title = (f"log10(nmse) per projection · cache {os.path.basename(meta['xy_path'])} · "
+    title = (f"NMSE per projection (color: log10) · cache {os.path.basename(meta['xy_path'])} · "
              f"smooth={str(meta['smooth']).lower()}")
     note = "\ngray: no data, or nmse zero / not finite"
     if shown < total:
