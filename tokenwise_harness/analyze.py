@@ -94,7 +94,7 @@ def ranking1(report: Mapping) -> list[dict]:
         for order_by in RANK1_ORDERS:
             entries.sort(key=lambda e: _sensitivity_key(e[2][order_by], e[0], e[1]))
             for i, (layer, block, agg) in enumerate(entries, 1):
-                proj, sqnr, rel = worst[(layer, block, cfg)]
+                proj, sqnr, rel = worst.get((layer, block, cfg), (None, None, None))
                 rows.append({
                     "config": cfg, "order_by": order_by, "rank": i, "layer": layer, "block": block,
                     "nmse_mean_over_proj": agg["nmse_mean_over_proj"],
