@@ -1,0 +1,504 @@
+"""thresholds.yaml: per-case metric limits, baseline tolerances, and an optional default grid.
+
+The commented `thresholds.yaml` at the repo root is the user-facing description of the
+format; this module is its parser and the one place its semantics live:
+
+- version: 1 (optional; any other value is an error, so a future format fails loudly).
+- grid: ranks / qspecs / grid_mode / act_qspecs / iters, used for whatever --ranks,
+  --qspecs, ... leave unset. Parsed here, so a bad qspec names this file, not a flag.
+- defaults: {metric: limit}. rules: [{match: {...}, limits: {...}}], tried in order; for
+  each metric the first matching rule that mentions it sets its limit (null = no limit),
+  a metric no matching rule mentions falls back to defaults.
+- Every metric is an upper bound except sqnr_db, a lower bound (higher is better); sqnr_db
+  is derived from nmse (-10*log10) so a rule can gate in dB whatever the engine reports.
+- baseline: {default: {rtol, atol}, metrics: {metric: {rtol, atol} | null}}: a case
+  regresses when value > base + |base|*rtol + atol (for sqnr_db: value < base - ...);
+  for the non-negative error metrics that is the familiar base*(1+rtol)+atol.
+
+Every problem is a one-line HarnessError naming the file and the key at fault.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from tokenwise_harness.allowlist import PROJ_ORDER
+from tokenwise_harness.cases import Case
+from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.grid import GRID_MODES, parse_qspecs, parse_ranks
+
+VERSION = 1
+# metric -> "max" (upper bound: fail above) or "min" (lower bound: fail below).
+METRICS: dict[str, str] = {
+    "nmse": "max",
+    "sqnr_db": "min",
+    "token_l2_mean": "max",
+    "token_l2_max": "max",
+    "token_rel_l2_mean": "max",
+    "token_rel_l2_max": "max",
+    "sse": "max",
+}
+TOP_KEYS = ("version", "grid", "defaults", "rules", "baseline")
+GRID_KEYS = ("ranks", "qspecs", "grid_mode", "act_qspecs", "iters")
+MATCH_FIELDS = ("layer", "block", "proj", "rank", "fmt", "blk", "afmt", "ablk", "iters", "smooth")
+# Used for every metric that thresholds.yaml gives no tolerance: 5% relative, plus an atol
+# that only matters for metrics that are exactly 0 in the baseline.
+BUILTIN_TOLERANCE = (0.05, 1e-9)
+BUILTIN_SOURCE = "built-in defaults"
+
+
+@dataclass(frozen=True)
+class Limit:
+    metric: str
+    value: float
+    kind: str  # "max" or "min"
+    rule: str  # "defaults" or "rules[0]: layer 0-3, proj q_proj|k_proj"
+
+    def violated_by(self, value: float) -> bool:
+        return value > self.value if self.kind == "max" else value < self.value
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "kind": self.kind, "rule": self.rule}
+
+
+@dataclass(frozen=True)
+class _Condition:
+    """One match field of a rule: its text as shown in messages and its test."""
+
+    field: str
+    text: str
+    test: Callable[[Any], bool]
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    conditions: tuple[_Condition, ...]
+    limits: dict[str, float | None]  # None: "no limit" (overrides defaults and later rules)
+
+    @property
+    def description(self) -> str:
+        what = ", ".join(f"{c.field} {c.text}" for c in self.conditions) or "every case"
+        return f"rules[{self.index}]: {what}"
+
+    def matches(self, case: Case) -> bool:
+        return all(c.test(_case_field(case, c.field)) for c in self.conditions)
+
+
+@dataclass
+class Thresholds:
+    source: str = BUILTIN_SOURCE  # the file as shown in messages
+    defaults: dict[str, float] = field(default_factory=dict)
+    rules: list[Rule] = field(default_factory=list)
+    default_tolerance: tuple[float, float] = BUILTIN_TOLERANCE
+    tolerances: dict[str, tuple[float, float] | None] = field(default_factory=dict)
+    tolerance_default_source: str = BUILTIN_SOURCE
+    # Only the keys the file sets: ranks (list[int]), qspecs / act_qspecs (list[QSpec]),
+    # grid_mode (str), iters (int). None when the file has no grid section.
+    grid: dict | None = None
+
+    def limits_for(self, case: Case) -> dict[str, Limit]:
+        """metric -> Limit for this case, in METRICS order; metrics without a limit are absent."""
+        chosen: dict[str, tuple[float | None, str]] = {}
+        for rule in self.rules:
+            if rule.matches(case):
+                for metric, value in rule.limits.items():
+                    chosen.setdefault(metric, (value, rule.description))
+        for metric, value in self.defaults.items():
+            chosen.setdefault(metric, (value, "defaults"))
+        return {
+            m: Limit(m, chosen[m][0], METRICS[m], chosen[m][1])
+            for m in METRICS
+            if m in chosen and chosen[m][0] is not None
+        }
+
+    def tolerance(self, metric: str) -> tuple[float, float] | None:
+        """(rtol, atol) for comparing `metric` with its baseline; None: not compared."""
+        return self.tolerances.get(metric, self.default_tolerance)
+
+    def tolerance_rule(self, metric: str) -> str:
+        """Where tolerance(metric) comes from, for messages."""
+        if metric in self.tolerances:
+            return f"{self.source} baseline.metrics.{metric}"
+        return self.tolerance_default_source
+
+    def check(self, case: Case, metrics: Mapping[str, Any]) -> list[str]:
+        """Failure messages of one case against its limits; [] when it passes.
+
+        A non-finite gated metric (NaN, or None as report.normalize_metrics writes it)
+        always fails; so does a limited metric the run did not report.
+        """
+        cid = case.case_id
+        values, derived = gated_values(metrics)
+        limits = self.limits_for(case)
+        failures = []
+        for metric in METRICS:
+            value = values.get(metric)
+            limit = limits.get(metric)
+            if value is not None and math.isnan(value):
+                if metric not in derived:  # a NaN sqnr_db repeats nmse's failure
+                    shown = "null" if metrics.get(metric) is None else "nan"
+                    failures.append(f"{cid}: {metric} = {shown} is not a finite number (always fails)")
+            elif limit is None:
+                continue
+            elif value is None:
+                failures.append(
+                    f"{cid}: {metric} has a limit ({self.source} {limit.rule}) but the run reported no {metric}"
+                )
+            elif limit.violated_by(value):
+                sign = ">" if limit.kind == "max" else "<"
+                shown, bound = format_pair(value, limit.value)
+                failures.append(f"{cid}: {metric} = {shown} {sign} limit {bound} ({self.source} {limit.rule})")
+        return failures
+
+
+def gated_values(metrics: Mapping[str, Any]) -> tuple[dict[str, float], set[str]]:
+    """The METRICS values of a metrics dict as floats (None -> NaN), sqnr_db derived from nmse.
+
+    Returns (values, names of derived metrics). sqnr_db is always recomputed from nmse when
+    nmse is there, as report.py does: nmse 0 gives +inf dB, a non-finite nmse gives NaN.
+    """
+    values = {m: _as_float(metrics[m]) for m in METRICS if m in metrics}
+    derived = set()
+    if "nmse" in values:
+        nmse = values["nmse"]
+        if math.isnan(nmse) or nmse < 0:
+            values["sqnr_db"] = math.nan
+        else:
+            values["sqnr_db"] = math.inf if nmse == 0 else -10.0 * math.log10(nmse)
+        derived.add("sqnr_db")
+    return values, derived
+
+
+def regression_bound(base: float, rtol: float, atol: float, kind: str = "max") -> float:
+    """The worst value that still passes against `base`: base + |base|*rtol + atol (max metrics)."""
+    slack = abs(base) * rtol + atol
+    return base + slack if kind == "max" else base - slack
+
+
+def format_pair(a: float, b: float) -> tuple[str, str]:
+    """Two numbers with just enough significant digits to tell them apart (4 at least)."""
+    for digits in range(4, 18):
+        sa, sb = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if sa != sb:
+            return sa, sb
+    return sa, sb
+
+
+def _as_float(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _case_field(case: Case, name: str) -> Any:
+    """A case's value of a match field; blocks and formats as words ('128', 'in', 'none')."""
+    cfg = case.cfg
+    return {
+        "layer": case.layer,
+        "block": case.block,
+        "proj": case.proj,
+        "rank": cfg.rank,
+        "fmt": cfg.fmt,
+        "blk": _word(cfg.blk),
+        "afmt": _word(cfg.afmt),
+        "ablk": _word(cfg.ablk),
+        "iters": cfg.iters,
+        "smooth": case.smooth,
+    }[name]
+
+
+def _word(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_thresholds(path: Path | str | None, *, explicit: bool = True) -> Thresholds:
+    """Parse a thresholds file; built-in defaults (no limits) when there is none.
+
+    path None -> built-in defaults. A missing file is an error when the user named it
+    (explicit=True, i.e. --thresholds), and built-in defaults when it is only the default
+    location (explicit=False: thresholds.yaml at the rootdir).
+    """
+    if path is None:
+        return Thresholds()
+    path = Path(path)
+    if not path.is_file():
+        if not explicit and not path.exists():
+            return Thresholds()
+        raise HarnessError(f"--thresholds: {path} does not exist or is not a file; give an existing YAML file")
+    src = display_path(path)
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        raise HarnessError(f"{src}: not valid YAML: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"--thresholds: cannot read {path}: {exc}") from None
+    return parse_thresholds(doc, src)
+
+
+def parse_thresholds(doc: Any, src: str) -> Thresholds:
+    """Thresholds from an already-loaded YAML document; `src` names it in messages."""
+    if doc is None:  # an empty (or all-comment) file
+        doc = {}
+    if not isinstance(doc, dict):
+        raise HarnessError(f"{src}: the top level must be a mapping with keys {', '.join(TOP_KEYS)}")
+    _check_keys(doc, TOP_KEYS, src, "top level")
+    version = doc.get("version", VERSION)
+    if version != VERSION or isinstance(version, bool):
+        raise HarnessError(f"{src}: version {version!r} is not supported; this harness reads version {VERSION}")
+    th = Thresholds(source=src)
+    th.defaults = _parse_limits(doc.get("defaults"), src, "defaults")
+    th.rules = _parse_rules(doc.get("rules"), src)
+    _parse_baseline(doc.get("baseline"), src, th)
+    if doc.get("grid") is not None:
+        th.grid = _parse_grid(doc["grid"], src)
+    return th
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys: PyYAML would silently keep the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def display_path(path: Path) -> str:
+    """The path relative to the cwd when it lies below it (short messages), else as given."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _check_keys(mapping: dict, allowed: tuple[str, ...], src: str, where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise HarnessError(f"{src}: {where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+
+
+def _mapping(value: Any, src: str, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise HarnessError(f"{src}: {where} must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, src: str, where: str, minimum: float | None = 0.0) -> float:
+    # PyYAML reads `1e-9` (no dot) as a string: accept numeric strings rather than trip users.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HarnessError(f"{src}: {where}: {value!r} is not a finite number (use null for no limit)")
+    if minimum is not None and value < minimum:
+        raise HarnessError(f"{src}: {where}: {value!r} is negative; it must be >= {minimum:g}")
+    return float(value)
+
+
+def _parse_limits(value: Any, src: str, where: str) -> dict[str, float | None]:
+    limits = {}
+    for metric, limit in _mapping(value, src, where).items():
+        if metric not in METRICS:
+            raise HarnessError(f"{src}: {where}: unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        # sqnr_db is a lower bound in dB and may be negative; the others are norms.
+        minimum = None if METRICS[metric] == "min" else 0.0
+        limits[metric] = None if limit is None else _number(limit, src, f"{where}.{metric}", minimum)
+    return limits
+
+
+def _parse_rules(value: Any, src: str) -> list[Rule]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise HarnessError(f"{src}: rules must be a list of {{match: ..., limits: ...}} entries")
+    rules = []
+    for i, entry in enumerate(value):
+        where = f"rules[{i}]"
+        if not isinstance(entry, dict):
+            raise HarnessError(f"{src}: {where} must be a mapping with keys match, limits")
+        _check_keys(entry, ("match", "limits"), src, where)
+        if "limits" not in entry:
+            raise HarnessError(f"{src}: {where} has no limits; give e.g. limits: {{nmse: 0.01}}")
+        match = _mapping(entry.get("match"), src, f"{where}.match")
+        conditions = tuple(_condition(name, spec, src, f"{where}.match") for name, spec in match.items())
+        rules.append(Rule(i, conditions, _parse_limits(entry["limits"], src, f"{where}.limits")))
+    return rules
+
+
+def _parse_baseline(value: Any, src: str, th: Thresholds) -> None:
+    section = _mapping(value, src, "baseline")
+    _check_keys(section, ("default", "metrics"), src, "baseline")
+    if section.get("default") is not None:
+        th.default_tolerance = _tolerance(section["default"], BUILTIN_TOLERANCE, src, "baseline.default")
+        th.tolerance_default_source = f"{src} baseline.default"
+    for metric, tol in _mapping(section.get("metrics"), src, "baseline.metrics").items():
+        where = f"baseline.metrics.{metric}"
+        if metric not in METRICS:
+            raise HarnessError(f"{src}: {where}: unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        th.tolerances[metric] = None if tol is None else _tolerance(tol, th.default_tolerance, src, where)
+
+
+def _tolerance(value: Any, fallback: tuple[float, float], src: str, where: str) -> tuple[float, float]:
+    tol = _mapping(value, src, where)
+    _check_keys(tol, ("rtol", "atol"), src, where)
+    rtol = _number(tol["rtol"], src, f"{where}.rtol") if "rtol" in tol else fallback[0]
+    atol = _number(tol["atol"], src, f"{where}.atol") if "atol" in tol else fallback[1]
+    return rtol, atol
+
+
+def _parse_grid(value: Any, src: str) -> dict:
+    section = _mapping(value, src, "grid")
+    _check_keys(section, GRID_KEYS, src, "grid")
+    grid: dict[str, Any] = {}
+    if "ranks" in section:
+        grid["ranks"] = parse_ranks(_comma_text(section["ranks"]), flag=f"{src}: grid.ranks")
+    for key in ("qspecs", "act_qspecs"):
+        if key in section:
+            text = _comma_text(section[key])
+            # An empty act_qspecs list is the documented way of saying "weights only".
+            grid[key] = parse_qspecs(text, flag=f"{src}: grid.{key}") if text or key == "qspecs" else []
+    if "grid_mode" in section:
+        if section["grid_mode"] not in GRID_MODES:
+            raise HarnessError(
+                f"{src}: grid.grid_mode {section['grid_mode']!r} is unknown; use one of: {', '.join(GRID_MODES)}"
+            )
+        grid["grid_mode"] = section["grid_mode"]
+    if "iters" in section:
+        iters = section["iters"]
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise HarnessError(f"{src}: grid.iters {iters!r} must be an integer >= 1")
+        grid["iters"] = iters
+    return grid
+
+
+def _comma_text(value: Any) -> str:
+    """A YAML list ([8, 16]) or a flag-style string ("8,16") as the flag text parse_* read."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)
+
+
+# ---------------------------------------------------------------- match fields
+
+_CMP_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
+_CMP_RE = re.compile(r"^(>=|<=|>|<|==)\s*(\d+)$")
+_RANGE_RE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+_NUMERIC_HELP = "use N, 'A-B' (inclusive), '>=N', '>N', '<=N', '<N', or a list of those"
+
+
+def _condition(name: Any, spec: Any, src: str, where: str) -> _Condition:
+    if name not in _FIELD_PARSERS:
+        raise HarnessError(f"{src}: {where}: unknown field {name!r}; known: {', '.join(MATCH_FIELDS)}")
+    where = f"{where}.{name}"
+    if name == "smooth":
+        if not isinstance(spec, bool):
+            raise HarnessError(f"{src}: {where}: {spec!r} must be true or false")
+        return _Condition(name, str(spec).lower(), lambda v, want=spec: v == want)
+    items = spec if isinstance(spec, list) else [spec]
+    if not items:
+        raise HarnessError(f"{src}: {where}: empty list matches nothing; remove the field or list values")
+    terms = [_FIELD_PARSERS[name](item, src, where) for item in items]
+    texts = [text for text, _ in terms]
+    tests = [test for _, test in terms]
+    return _Condition(name, "|".join(texts), lambda v: any(t(v) for t in tests))
+
+
+def _numeric_term(item: Any, src: str, where: str) -> tuple[str, Callable[[int], bool]]:
+    """3, "3", "0-3", ">=16" -> (text, test)."""
+    if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
+        return str(item), lambda v: v == item
+    text = item.strip() if isinstance(item, str) else None
+    if text and text.isdigit():
+        n = int(text)
+        return str(n), lambda v: v == n
+    m = _RANGE_RE.match(text or "")
+    if m:
+        lo, hi = int(m[1]), int(m[2])
+        if lo > hi:
+            raise HarnessError(f"{src}: {where}: range {item!r} is empty (start > end); write it as '{hi}-{lo}'")
+        return f"{lo}-{hi}", lambda v: lo <= v <= hi
+    m = _CMP_RE.match(text or "")
+    if m:
+        op, n = _CMP_OPS[m[1]], int(m[2])
+        return f"{m[1]}{n}", lambda v: op(v, n)
+    raise HarnessError(f"{src}: {where}: bad value {item!r}; {_NUMERIC_HELP}")
+
+
+def _word_term(known: Callable[[], set[str]], what: str):
+    """Parser of a name field (block, proj, fmt, afmt): the value must be a known name."""
+
+    def parse(item: Any, src: str, where: str) -> tuple[str, Callable[[str], bool]]:
+        names = known()
+        word = "none" if item is None else item
+        if not isinstance(word, str) or word not in names:
+            raise HarnessError(f"{src}: {where}: unknown {what} {item!r}; known: {', '.join(sorted(names))}")
+        return word, lambda v: v == word
+
+    return parse
+
+
+def _blk_term(item: Any, src: str, where: str) -> tuple[str, Callable[[str], bool]]:
+    """Block sizes: a positive integer, 'in' (whole row) or 'none' / null (not quantized)."""
+    if isinstance(item, int) and not isinstance(item, bool) and item > 0:
+        word = str(item)
+    elif item is None or item in ("in", "none"):
+        word = _word(item)
+    elif isinstance(item, str) and item.isdigit() and int(item) > 0:
+        word = str(int(item))
+    else:
+        raise HarnessError(f"{src}: {where}: bad block {item!r}; use a positive integer, 'in' or 'none'")
+    return word, lambda v: v == word
+
+
+def _format_names() -> set[str]:
+    # Imported on demand: formats pulls in torch, which a rule without fmt never needs.
+    from tokenwise_harness import formats
+
+    return set(formats.FORMATS) | {"none"}
+
+
+_FIELD_PARSERS: dict[str, Callable] = {
+    "layer": _numeric_term,
+    "block": _word_term(lambda: {"mlp", "self_attn"}, "block"),
+    "proj": _word_term(lambda: set(PROJ_ORDER), "projection"),
+    "rank": _numeric_term,
+    "fmt": _word_term(_format_names, "format"),
+    "blk": _blk_term,
+    "afmt": _word_term(_format_names, "activation format"),
+    "ablk": _blk_term,
+    "iters": _numeric_term,
+    "smooth": None,  # handled in _condition: a bool, not a list of terms
+}
+assert tuple(_FIELD_PARSERS) == MATCH_FIELDS
