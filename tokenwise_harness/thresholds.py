@@ -271,10 +271,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                line = key_node.start_mark.line + 1
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {line})", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -313,7 +310,7 @@ def _mapping(value: Any, src: str, where: str) -> dict:
     return value
 
 
-def _number(value: Any, src: str, where: str, minimum: float | None = 0.0) -> float:
+def _number(value: Any, src: str, where: str, minimum: float | None = 0.0, hint: str = "") -> float:
     # PyYAML reads `1e-9` (no dot) as a string: accept numeric strings rather than trip users.
     if isinstance(value, str):
         try:
@@ -321,7 +318,7 @@ def _number(value: Any, src: str, where: str, minimum: float | None = 0.0) -> fl
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HarnessError(f"{src}: {where}: {value!r} is not a finite number (use null for no limit)")
+        raise HarnessError(f"{src}: {where}: {value!r} is not a finite number{hint}")
     if minimum is not None and value < minimum:
         raise HarnessError(f"{src}: {where}: {value!r} is negative; it must be >= {minimum:g}")
     return float(value)
@@ -334,7 +331,9 @@ def _parse_limits(value: Any, src: str, where: str) -> dict[str, float | None]:
             raise HarnessError(f"{src}: {where}: unknown metric {metric!r}; known: {', '.join(METRICS)}")
         # sqnr_db is a lower bound in dB and may be negative; the others are norms.
         minimum = None if METRICS[metric] == "min" else 0.0
-        limits[metric] = None if limit is None else _number(limit, src, f"{where}.{metric}", minimum)
+        limits[metric] = (
+            None if limit is None else _number(limit, src, f"{where}.{metric}", minimum, " (use null for no limit)")
+        )
     return limits
 
 
