@@ -1,0 +1,327 @@
+"""Small offline causal LMs for tests and demos: real Hugging Face model classes, random weights.
+
+`make_demo_model("qwen3", DIR)` writes a directory that `AutoModelForCausalLM` and
+`AutoTokenizer.from_pretrained(DIR)` load with no network: a Qwen3 / Llama / Qwen2 config
+with seeded random float32 weights, and a byte-level BPE tokenizer trained with the
+`tokenizers` library on the embedded corpus (so Chinese and European text both tokenize
+sensibly).
+
+Weights (drawn from one seeded torch.Generator, in parameter-name order, so a seed fixes
+every tensor regardless of how transformers would initialise them):
+  * embeddings N(0, 1): after RMSNorm every projection sees unit-scale inputs;
+  * linear weights N(0, 1/in_features): outputs stay unit-scale too, so activations are
+    neither vanishing nor exploding through the small stack;
+  * q/k/v biases (Qwen2) N(0, 0.2²): clearly nonzero, so bias handling is exercised;
+  * norm weights 1.
+
+Planted outliers: real LLMs have a few input channels far larger than the rest, which is
+what SmoothQuant migrates into the weights and what the low-rank branch then absorbs. In
+every even-numbered layer (layer 0, 2, ...) `outlier_channels` channels are multiplied by
+`outlier_scale` at four places, each giving one set of projections a large input channel:
+  * input_layernorm weight      -> inputs of q_proj, k_proj, v_proj
+  * post_attention_layernorm    -> inputs of gate_proj, up_proj
+  * rows of up_proj             -> input of down_proj
+  * rows of v_proj (and bias)   -> input of o_proj (attention mixes v rows, so the scaled
+                                   channels of each kv head reach every query head sharing it)
+Odd layers are left plain, so tests can contrast the two. The planted input channels of
+each projection are recorded in config.json under `tokenwise_demo.outliers`
+(module path -> sorted channel list); `planted_outliers(DIR)` reads them back.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenwise_harness.atomic import TMP_PREFIX, check_writable_dir
+from tokenwise_harness.errors import HarnessError
+
+FAMILIES = ("qwen3", "llama", "qwen2")
+DEMO_FORMAT = 1
+
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+MAX_POSITIONS = 4096
+BIAS_STD = 0.2
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _pre_tokenizer():
+    """Qwen2's pre-tokenization (regex split, then bytes), falling back to GPT-2's.
+
+    transformers 5 always loads a `qwen2` model dir's tokenizer as Qwen2Tokenizer, which
+    rebuilds the pre-tokenizer from its own pattern. Training every family's tokenizer with
+    that same pattern makes the saved tokenizer encode identically whichever class loads it.
+    """
+    from tokenizers import Regex, pre_tokenizers
+
+    try:
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    except ImportError:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    """Train the byte-level BPE once per process and vocab size; return it serialised.
+
+    Serialised so that every caller gets its own Tokenizer object (they are mutable).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    from tokenwise_harness.data import load_corpus
+
+    corpus = load_corpus()
+    texts = [s for lang in sorted(corpus) for s in corpus[lang]]
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, BOS, PAD],
+        # all 256 bytes up front: any text, in any script, can be encoded
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok.to_str()
+
+
+def make_demo_tokenizer(vocab_size: int = 1024):
+    """A transformers fast tokenizer (bos/eos/pad set, no special tokens added on encode)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + 3:
+        raise HarnessError(f"vocab_size: must be at least 259 (256 bytes + 3 special tokens), got {vocab_size}")
+    tok = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=MAX_POSITIONS
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _config(family: str, *, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    config_class = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    return config_class(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,  # Qwen3's default (128) would not match a tiny model
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
+def _check_shape_args(family, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+                      outlier_channels, outlier_scale) -> None:
+    if family not in FAMILIES:
+        raise HarnessError(f"--family: unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    for name, value in (("num_layers", num_layers), ("hidden_size", hidden_size), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("intermediate_size", intermediate_size),
+                        ("vocab_size", vocab_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise HarnessError(f"{name}: must be a positive integer, got {value!r}")
+    if hidden_size % num_heads:
+        raise HarnessError(f"num_heads: {num_heads} must divide hidden_size {hidden_size}")
+    if num_heads % num_kv_heads:
+        raise HarnessError(f"num_kv_heads: {num_kv_heads} must divide num_heads {num_heads}")
+    kv_width = num_kv_heads * (hidden_size // num_heads)
+    if not 0 <= outlier_channels <= min(hidden_size, intermediate_size, kv_width):
+        raise HarnessError(
+            f"outlier_channels: must be between 0 and {min(hidden_size, intermediate_size, kv_width)}, "
+            f"got {outlier_channels}"
+        )
+    if not outlier_scale > 0:
+        raise HarnessError(f"outlier_scale: must be > 0, got {outlier_scale}")
+
+
+def _init_weights(model, generator) -> None:
+    """Overwrite every parameter from `generator`, in name order (see module doc for the scales)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=generator) * BIAS_STD)
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=generator))
+            else:  # linear weight [out, in]
+                p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
+
+
+def _pick(generator, n: int, k: int) -> list[int]:
+    import torch
+
+    return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+
+def _plant_outliers(model, generator, k: int, scale: float) -> dict[str, list[int]]:
+    """Scale k channels at four places in every even layer; return module path -> input channels."""
+    import torch
+
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    outliers: dict[str, list[int]] = {}
+    if k == 0:
+        return outliers
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            if i % 2:
+                continue
+            prefix = f"model.layers.{i}"
+            attn_in = _pick(generator, cfg.hidden_size, k)
+            mlp_in = _pick(generator, cfg.hidden_size, k)
+            down_in = _pick(generator, cfg.intermediate_size, k)
+            v_rows = _pick(generator, cfg.num_key_value_heads * head_dim, k)
+
+            layer.input_layernorm.weight[attn_in] *= scale
+            layer.post_attention_layernorm.weight[mlp_in] *= scale
+            layer.mlp.up_proj.weight[down_in] *= scale
+            v = layer.self_attn.v_proj
+            v.weight[v_rows] *= scale
+            if v.bias is not None:
+                v.bias[v_rows] *= scale
+
+            # o_proj input channel (head h, dim d) reads kv head h // group at dim d.
+            o_in = sorted(h * head_dim + r % head_dim for r in v_rows
+                          for h in range(cfg.num_attention_heads) if h // group == r // head_dim)
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                outliers[f"{prefix}.self_attn.{proj}"] = attn_in
+            outliers[f"{prefix}.self_attn.o_proj"] = o_in
+            outliers[f"{prefix}.mlp.gate_proj"] = mlp_in
+            outliers[f"{prefix}.mlp.up_proj"] = mlp_in
+            outliers[f"{prefix}.mlp.down_proj"] = down_in
+    return outliers
+
+
+def build_demo(
+    family: str,
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 1024,
+    outlier_channels: int = 4,
+    outlier_scale: float = 20.0,
+):
+    """(model, tokenizer) in memory, exactly what make_demo_model saves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_shape_args(family, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+                      outlier_channels, outlier_scale)
+    tokenizer = make_demo_tokenizer(vocab_size)
+    config = _config(family, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                     num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, tokenizer=tokenizer)
+    # transformers initialises from the global RNG while constructing; fork it so building a
+    # demo model leaves the caller's RNG state untouched (our own init overwrites it all).
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    _init_weights(model, generator)
+    outliers = _plant_outliers(model, generator, outlier_channels, outlier_scale)
+    model.config.tokenwise_demo = {
+        "format": DEMO_FORMAT,
+        "family": family,
+        "seed": seed,
+        "outlier_scale": outlier_scale,
+        "outlier_layers": sorted({int(p.split(".")[2]) for p in outliers}),
+        "outliers": outliers,
+    }
+    model.eval()
+    return model, tokenizer
+
+
+def make_demo_model(
+    family: str,
+    out_dir,
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 160,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    vocab_size: int = 1024,
+    outlier_channels: int = 4,
+    outlier_scale: float = 20.0,
+    overwrite: bool = False,
+) -> Path:
+    """Build a demo model and save model + tokenizer (safetensors) to out_dir, atomically."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    model, tokenizer = build_demo(family, seed, num_layers, hidden_size, intermediate_size, num_heads,
+                                  num_kv_heads, vocab_size, outlier_channels, outlier_scale)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _move_into_place(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    check_writable_dir(out_dir.parent, "--out", create=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HarnessError(f"--out: {out_dir} exists and is not a directory; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise HarnessError(f"--out: {out_dir} exists and is not empty; pass --overwrite or choose another path")
+
+
+def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished temp dir to out_dir; an existing out_dir is swapped out, then deleted."""
+    _check_out_dir(out_dir, overwrite)  # again: something may have appeared while we built
+    old = None
+    if out_dir.is_dir():
+        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.old.", dir=out_dir.parent))
+        os.replace(out_dir, old / "dir")
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading back
+
+
+def demo_info(model_dir) -> dict:
+    """The `tokenwise_demo` record of a demo model dir (empty dict for any other model)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"--model_dir: cannot read {path}: {exc}") from None
+    return config.get("tokenwise_demo") or {}
+
+
+def planted_outliers(model_dir) -> dict[str, list[int]]:
+    """Module path -> input channels made large on purpose (empty for non-demo models)."""
+    return {k: list(v) for k, v in demo_info(model_dir).get("outliers", {}).items()}
