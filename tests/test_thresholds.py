@@ -289,7 +289,8 @@ def test_repo_thresholds_yaml_is_valid_and_means_what_it_says():
     th = load_thresholds(REPO / "thresholds.yaml")
     assert th.grid["ranks"] == [8, 16, 32]
     assert th.limits_for(case(fmt="none", blk=None)) == {}
-    assert th.limits_for(case(blk=16))["nmse"].value == 0.03
+    assert th.limits_for(case(blk=16))["nmse"].value == 0.02
+    assert th.limits_for(case(fmt="fp8", blk="in"))["nmse"].value == 0.005
     assert th.limits_for(case(blk=128))["nmse"].rule == "defaults"
     assert th.tolerance("sse") is None
 
