@@ -49,6 +49,12 @@ int4_asym -- asymmetric with a zero point: lo = min(min_blk, 0), hi = max(max_bl
         do) keeps zero exact and gives constant blocks a usable scale.
 fp8   -- E4M3 elements (saturating, subnormals kept) with an FP32 scale s = amax_blk / 448.
 
+Devices: every division is a true IEEE float32 division on CPU and CUDA alike, so results
+are bit-identical across devices (a baseline taken on a GPU holds on a CPU). torchao's code
+divides by Python scalars (`max_abs / 6.0`, `amax / (448 * 6)`), which PyTorch's CUDA kernel
+evaluates as a multiplication by the float32 reciprocal: torchao's own outputs then differ by
+an ulp of the global scale between CPU and CUDA. We equal torchao-on-CPU (= the IEEE reading).
+
 Zero blocks: a block whose fp32 scale is 0 (all zeros, or an amax so small that amax / 6
 underflows) uses scale 1 instead; its elements then quantize to 0. Output is float32, same
 shape and device as the input; NaN or Inf in the input is a HarnessError naming the tensor.
@@ -135,9 +141,9 @@ def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
     (power-of-two) spacing is exact, so torch.round's half-to-even on the quotient is exactly
     the format's tie rule (an even quotient is an even mantissa).
     """
-    a = v.abs().clamp(max=E2M1_MAX)
+    a = v.abs().clamp_(max=E2M1_MAX)
     step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
-    return torch.copysign(torch.round(a / step) * step, v)
+    return torch.copysign(a.div_(step).round_().mul_(step), v)
 
 
 def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
@@ -203,6 +209,15 @@ def _amax(xb: torch.Tensor) -> torch.Tensor:
     return xb.abs().amax(dim=-1, keepdim=True)
 
 
+def _div(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c as a true IEEE division on every device.
+
+    On CUDA, PyTorch divides by a Python (or CPU) scalar by multiplying with its reciprocal,
+    which is an ulp off now and then: a device tensor divisor keeps CPU and GPU bit-identical.
+    """
+    return t / torch.full((), c, dtype=t.dtype, device=t.device)
+
+
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     """A zero scale (all-zero block) becomes 1: its codes are 0 either way, and no 0/0."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -212,9 +227,10 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _quant_nvfp4(xb: torch.Tensor, cols: int, global_amax=None) -> QuantizedBlocks:
-    amax_t = xb.abs().amax() if global_amax is None else torch.as_tensor(global_amax)
-    global_scale = _nonzero(amax_t.to(device=xb.device, dtype=torch.float32) / (E4M3_MAX * E2M1_MAX))
-    block = _amax(xb) / E2M1_MAX
+    mag = xb.abs()
+    amax_t = mag.amax() if global_amax is None else torch.as_tensor(global_amax)
+    global_scale = _nonzero(_div(amax_t.to(device=xb.device, dtype=torch.float32), E4M3_MAX * E2M1_MAX))
+    block = _div(mag.amax(dim=-1, keepdim=True), E2M1_MAX)
     scale = round_to_e4m3((block / global_scale).clamp(E4M3_MIN_NORMAL, E4M3_MAX))
     total = global_scale * scale
     codes = round_to_e2m1(xb / total)
@@ -231,18 +247,18 @@ def _quant_mxfp4(xb: torch.Tensor, cols: int, global_amax=None) -> QuantizedBloc
 
 
 def _quant_fp4(xb: torch.Tensor, cols: int, global_amax=None) -> QuantizedBlocks:
-    scale = _nonzero(_amax(xb) / E2M1_MAX)
+    scale = _nonzero(_div(_amax(xb), E2M1_MAX))
     return QuantizedBlocks(round_to_e2m1(xb / scale), scale, cols)
 
 
 def _quant_fp8(xb: torch.Tensor, cols: int, global_amax=None) -> QuantizedBlocks:
-    scale = _nonzero(_amax(xb) / E4M3_MAX)
+    scale = _nonzero(_div(_amax(xb), E4M3_MAX))
     return QuantizedBlocks(round_to_e4m3(xb / scale), scale, cols)
 
 
 def _symmetric_int(qmax: int):
     def quant(xb: torch.Tensor, cols: int, global_amax=None) -> QuantizedBlocks:
-        scale = _nonzero(_amax(xb) / qmax)
+        scale = _nonzero(_div(_amax(xb), qmax))
         codes = torch.round(xb / scale).clamp(-qmax, qmax)
         return QuantizedBlocks(codes, scale, cols)
 
@@ -253,7 +269,7 @@ def _quant_int4_asym(xb: torch.Tensor, cols: int, global_amax=None) -> Quantized
     qmax = 15
     lo = xb.amin(dim=-1, keepdim=True).clamp(max=0.0)
     hi = xb.amax(dim=-1, keepdim=True).clamp(min=0.0)
-    scale = _nonzero((hi - lo) / qmax)
+    scale = _nonzero(_div(hi - lo, qmax))
     zero = torch.round(-lo / scale).clamp(0, qmax)
     codes = (torch.round(xb / scale) + zero).clamp(0, qmax)
     return QuantizedBlocks(codes, scale, cols, zero=zero)
@@ -291,7 +307,11 @@ def check_qspec(fmt: str, blk) -> int | str:
 
 def check_finite(t: torch.Tensor, name: str) -> None:
     """NaN/Inf never propagates silently into a score: it is the user's broken tensor."""
-    if not bool(torch.isfinite(t).all()):
+    if t.numel() == 0:
+        return
+    # min and max propagate NaN and Inf: one fused reduction instead of isfinite's passes.
+    lo, hi = torch.aminmax(t.detach())
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise HarnessError(
             f"{name} has NaN/Inf values; fix the checkpoint (or the cached activations) "
             f"before quantizing it"
