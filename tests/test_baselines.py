@@ -111,7 +111,10 @@ def test_layout_and_text(tmp_path):
 
 
 def test_round_trip(tmp_path):
-    m = metrics(nmse=0.012345678901234567, token_l2_max=math.inf, token_rel_l2_max=math.nan)
+    import numpy as np
+
+    m = metrics(nmse=0.012345678901234567, token_l2_max=math.inf, token_rel_l2_max=math.nan,
+                n_tokens=np.int64(256), denom=np.float32(10.0))
     seed(tmp_path, {cid(): m})
     s = store(tmp_path)
     got = s.get(cid())

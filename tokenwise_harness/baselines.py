@@ -40,8 +40,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 import subprocess
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
@@ -49,7 +51,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
 from tokenwise_harness.cases import Case
 from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.report import METRIC_KEYS, _to_text, finite_or_none
+# report.py's canonical-JSON helpers: the same one-line-per-leaf text and key order as the report.
+from tokenwise_harness.report import METRIC_KEYS, _ordered, _to_text, finite_or_none
 from tokenwise_harness.thresholds import (
     METRICS,
     Thresholds,
@@ -72,6 +75,7 @@ HARD_KEYS = {
 # Differs on every run by design; not a reason to rewrite an otherwise unchanged case.
 VOLATILE_KEYS = ("git_commit",)
 REF_KEY = "provenance"  # inside a case entry: its provenance ref
+DEFAULT_HINT = "pytest --update-baselines"
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _CASE_LAYER = re.compile(r"^layer(\d+)-")
@@ -90,25 +94,29 @@ def model_id(model_name: str, fingerprint: str) -> str:
     return f"{base}-{short}"
 
 
+def _is_plain(name: Any) -> bool:
+    """A single file-name part: no separator, no '..', not hidden."""
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name)) and ".." not in name
+
+
 def check_name(name: str, what: str) -> str:
-    """`name` when it is a plain file name part (no separators, no '..'); else HarnessError."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+    """`name` when it is a plain file name part; else HarnessError."""
+    if not _is_plain(name):
         raise HarnessError(f"baselines: {what} {name!r} is not a plain name (letters, digits, '._+-')")
     return name
 
 
+def _file_layer(case_id: Any) -> int | None:
+    """The layer whose file holds a case id, None for anything that is not a plain layer<N>- id."""
+    m = _CASE_LAYER.match(case_id) if _is_plain(case_id) else None
+    return int(m[1]) if m else None
+
+
 def _layer_of(case_id: str) -> int:
-    """The layer whose file holds a case; HarnessError for an id that is no plain name."""
-    check_name(case_id, "case id")
     layer = _file_layer(case_id)
     if layer is None:
-        raise HarnessError(f"baselines: case id {case_id!r} does not start with layer<N>-")
+        raise HarnessError(f"baselines: case id {case_id!r} is not a plain name starting with layer<N>-")
     return layer
-
-
-def _file_layer(case_id: str) -> int | None:
-    m = _CASE_LAYER.match(case_id) if _SAFE_NAME.match(case_id) and ".." not in case_id else None
-    return int(m[1]) if m else None
 
 
 def natural_key(text: str) -> tuple:
@@ -209,7 +217,7 @@ def compare_metrics(
     metrics: Mapping[str, Any],
     baseline: Mapping[str, Any],
     thresholds: Thresholds,
-    hint: str = "--update-baselines",
+    hint: str = DEFAULT_HINT,
 ) -> list[str]:
     """Regression messages of one case against its stored metrics; [] when none regressed.
 
@@ -274,7 +282,7 @@ class _LayerFile:
         doc = {
             "schema_version": SCHEMA_VERSION,
             "provenance": {ref: self.provenance[ref] for ref in used},
-            "cases": {c: {**_ordered_metrics(self.cases[c]), REF_KEY: self.refs[c]} for c in ids},
+            "cases": {c: {**_ordered(self.cases[c], METRIC_KEYS), REF_KEY: self.refs[c]} for c in ids},
         }
         return _to_text(doc, 0) + "\n"
 
@@ -293,7 +301,7 @@ class _LayerFile:
         out = cls(provenance={ref: p for ref, p in table.items() if isinstance(p, dict)})
         for case_id, entry in cases.items():
             ref = entry.get(REF_KEY) if isinstance(entry, dict) else None
-            if ref not in out.provenance:
+            if not isinstance(ref, str) or ref not in out.provenance:
                 raise _BadFile(f"case {case_id!r} has no valid {REF_KEY!r} reference")
             if _file_layer(case_id) != layer:
                 raise _BadFile(f"case {case_id!r} does not belong to layer {layer}")
@@ -313,18 +321,13 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _ordered_metrics(metrics: Mapping) -> dict:
-    first = [k for k in METRIC_KEYS if k in metrics]
-    return {k: metrics[k] for k in first + sorted(set(metrics) - set(first))}
-
-
 def _plain_metrics(metrics: Mapping[str, Any]) -> dict:
     """Ints stay ints (n_tokens); everything else a float, non-finite as None."""
     out = {}
     for key, value in metrics.items():
         if key == REF_KEY or isinstance(value, (bool, str)):
             raise TypeError(f"baseline metric {key!r}={value!r} is not a number")
-        out[str(key)] = value if isinstance(value, int) or value is None else finite_or_none(value)
+        out[str(key)] = int(value) if isinstance(value, numbers.Integral) else finite_or_none(value)
     return out
 
 
@@ -375,7 +378,7 @@ class BaselineStore:
         model_id: str,
         *,
         update: bool = False,
-        hint: str = "pytest --update-baselines",
+        hint: str = DEFAULT_HINT,
     ):
         self.root = Path(root)
         self.model_id = check_name(model_id, "model id")
@@ -508,16 +511,16 @@ class BaselineStore:
         """
         provenance = _plain_provenance(provenance)
         summary = UpdateSummary()
-        layers = {_layer_of(c) for c in self._pending} | {_layer_of(c) for c in self._deleted}
-        for layer in sorted(layers):
+        deleted, pending = _by_layer(self._deleted - set(self._pending)), _by_layer(self._pending)
+        for layer in sorted(deleted.keys() | pending.keys()):
             f = self._file(layer)
             dirty = layer in self._replaced
-            for case_id in sorted((c for c in self._deleted if _layer_of(c) == layer), key=natural_key):
-                if case_id in f.cases and case_id not in self._pending:
+            for case_id in deleted[layer]:
+                if case_id in f.cases:
                     f.remove(case_id)
                     summary.deleted.append(case_id)
                     dirty = True
-            for case_id in sorted((c for c in self._pending if _layer_of(c) == layer), key=natural_key):
+            for case_id in pending[layer]:
                 kind = self._merge(f, case_id, self._pending[case_id], provenance, new_only, summary)
                 getattr(summary, kind).append(case_id)
                 dirty = dirty or kind in ("added", "changed", "refreshed")
@@ -559,10 +562,17 @@ class BaselineStore:
             self._replaced.discard(layer)
 
 
+def _by_layer(case_ids: Iterable[str]) -> defaultdict[int, list[str]]:
+    groups: defaultdict[int, list[str]] = defaultdict(list)
+    for case_id in sorted(case_ids, key=natural_key):
+        groups[_layer_of(case_id)].append(case_id)
+    return groups
+
+
 def _describe_change(old: Mapping, new: Mapping) -> str:
     """'nmse 0.0123 -> 0.0131, sse 1.2 -> 1.3' over the metrics that differ, METRIC_KEYS first."""
     parts = []
-    for key in _ordered_metrics({**old, **new}):
+    for key in _ordered({**old, **new}, METRIC_KEYS):
         a, b = old.get(key), new.get(key)
         if a == b:
             continue
