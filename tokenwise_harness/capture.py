@@ -68,17 +68,18 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     if clear_leftovers(final):
         log(f"save_xy: removed temp files of an interrupted earlier run; starting clean")
 
+    device = pick_device(device) if device_map is None else None
+    # Data first: a bad --cn/--eu/--length fails before the (possibly huge) model loads.
     tokenizer = load_tokenizer(mdir, trust_remote_code)
+    get_data = data_fn or data.get_veri_data
+    batch = get_data(tokenizer, seed, cn, length, eu, length, "cpu", **({"corpus": corpus} if corpus else {}))
     model = load_model(mdir, torch_dtype, device_map, trust_remote_code)
-    if device_map is None:
-        model.to(pick_device(device))
+    if device is not None:
+        model.to(device)
     in_device = model.get_input_embeddings().weight.device
     targets = list(iter_allowed_linears(model))
     if not targets:
         raise HarnessError(f"--model_dir {mdir.path}: no allowlisted linear (model.layers.N.self_attn|mlp.*_proj)")
-
-    get_data = data_fn or data.get_veri_data
-    batch = get_data(tokenizer, seed, cn, length, eu, length, "cpu", **({"corpus": corpus} if corpus else {}))
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     n_tokens = input_ids.numel()
     meta = {

@@ -128,6 +128,7 @@ def load_model(model_dir: ModelDir, torch_dtype: str | None = "auto", device_map
     """AutoModelForCausalLM from a local dir, offline, in eval mode."""
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     kwargs = {"dtype": resolve_torch_dtype(torch_dtype), "local_files_only": True,
               "trust_remote_code": trust_remote_code}
     if device_map:
@@ -140,9 +141,18 @@ def load_model(model_dir: ModelDir, torch_dtype: str | None = "auto", device_map
     return model.eval()
 
 
+def quiet_transformers() -> None:
+    """No per-load progress bars or advisory warnings: our output stays one line per step."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_tokenizer(model_dir: ModelDir, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(str(model_dir.path), local_files_only=True,
                                              trust_remote_code=trust_remote_code)

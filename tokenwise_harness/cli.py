@@ -87,7 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_positive_int, default=0)
     p.add_argument("--layers", type=_positive_int, default=2)
     p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="the main job on the embedded default: capture, eval, smooth, analyze")
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--model_dir", default=None, help="your model instead of the built-in demo model")
+    p.add_argument("--ranks", default="8,16,32")
+    p.add_argument("--qspecs", default="nvfp4@16,nvfp4@128,fp4@in")
+    p.add_argument("--cn", type=_positive_int, default=50)
+    p.add_argument("--eu", type=_positive_int, default=80)
+    p.add_argument("--length", type=_positive_int, default=128)
     return parser
+
+
+def cmd_demo(a) -> int:
+    from tokenwise_harness.demo import run_demo
+
+    run_demo(a.out, model_dir=a.model_dir, ranks=a.ranks, qspecs=a.qspecs, cn=a.cn, eu=a.eu, length=a.length)
+    return 0
 
 
 def cmd_save_xy(a) -> int:
@@ -157,6 +173,7 @@ COMMANDS = {
     "smooth": cmd_smooth,
     "analyze": cmd_analyze,
     "make-demo-model": cmd_make_demo_model,
+    "demo": cmd_demo,
 }
 
 
