@@ -1,13 +1,84 @@
 """pytest11 entry point of tokenwise_harness.
 
 Imported by every pytest run in an environment that has the package, so it stays free of
-torch/transformers imports; the harness adds nothing unless --model-dir or --xy-path is given.
+torch/transformers imports and adds nothing unless --model-dir, --smooth-model-dir or
+--xy-path is given. Every hook is a one-liner that delegates to the HarnessSession kept in
+config.stash (session.py): it collects, selects, records and reports.
 """
 
 from __future__ import annotations
 
+import pytest
+
+_SESSION = pytest.StashKey()
+HARNESS_OPTIONS = ("model_dir", "smooth_model_dir", "xy_path")
+
 
 def pytest_addoption(parser):
-    group = parser.getgroup("tokenwise", "tokenwise precision harness")
-    group.addoption("--model-dir", default=None, help="Hugging Face model dir to gate")
-    group.addoption("--xy-path", default=None, help="existing save_xy cache")
+    g = parser.getgroup("tokenwise", "tokenwise precision harness (SVDQuant fake quantization)")
+    g.addoption("--model-dir", default=None, help="Hugging Face model dir to gate (enables the harness)")
+    g.addoption("--smooth-model-dir", default=None, help="smoothed model dir (from `tokenwise-precision smooth`)")
+    g.addoption("--xy-path", default=None, help="existing save_xy cache; without it one is captured and reused")
+    g.addoption("--ranks", default=None, help="comma-separated ranks (default: thresholds.yaml grid, else 16,32)")
+    g.addoption("--qspecs", default=None, help="comma-separated fmt@blk (default: thresholds.yaml grid, else nvfp4@128)")
+    g.addoption("--act-qspecs", default=None, help="activation fmt@blk specs (W4A4), optional")
+    g.addoption("--grid-mode", default=None, help="combined or full")
+    g.addoption("--lowrank-iters", default=None, type=int, help="low-rank refinement iterations (default 1)")
+    g.addoption("--chunk-tokens", default=4096, type=int, help="tokens per chunk (default 4096)")
+    g.addoption("--thresholds", default=None, help="thresholds YAML (default: thresholds.yaml at the rootdir)")
+    g.addoption("--baselines-dir", default=None, help="baseline store (default: baselines/ at the rootdir)")
+    g.addoption("--update-baselines", action="store_true", help="rewrite the baselines of the cases that ran")
+    g.addoption("--update-baselines-new", action="store_true", help="create missing baselines, keep existing ones")
+    g.addoption("--tokenwise-report", default=None, help="write the full JSON report here at session end")
+    g.addoption("--quantizer", default=None, help="your model-level fake_op as package.module:function")
+    g.addoption("--device", default=None, help="cpu, cuda or cuda:N (default cuda when present; xdist: one GPU per worker)")
+    g.addoption("--torch-dtype", default="auto", help="dtype for loading models (auto|fp16|bf16|fp32)")
+    g.addoption("--xy-cn", default=50, type=int, help="capture: Chinese samples (default 50)")
+    g.addoption("--xy-eu", default=80, type=int, help="capture: non-Chinese samples (default 80)")
+    g.addoption("--xy-length", default=128, type=int, help="capture: tokens per sample (default 128)")
+    g.addoption("--xy-seed", default=0, type=int, help="capture: sampling seed (default 0)")
+    g.addoption("--tokenwise-cache-dir", default=None, help="where captured caches live (default .tokenwise_cache/)")
+
+
+def _session(config):
+    return config.stash.get(_SESSION, None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tokenwise: a generated tokenwise precision case")
+    if any(config.getoption(name) for name in HARNESS_OPTIONS):
+        from tokenwise_harness.session import HarnessSession
+
+        config.stash[_SESSION] = HarnessSession.start(config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    s = _session(session.config)
+    if s is not None:
+        s.prepare_cache()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    s = _session(config)
+    if s is not None:
+        s.collect(session, items)
+
+
+def pytest_report_header(config):
+    s = _session(config)
+    return s.header() if s is not None else None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    s = _session(config)
+    if s is not None:
+        s.terminal_summary(terminalreporter)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    s = _session(session.config)
+    if s is not None:
+        s.finish(session)

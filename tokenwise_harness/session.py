@@ -1,0 +1,451 @@
+"""The pytest harness session: collects, selects, records and reports (syrupy's shape).
+
+One HarnessSession per pytest process lives in config.stash; plugin.py's hooks delegate to
+it. Cases are keyed by our case id (layer, block, projection, config, smooth), never by
+pytest's nodeid (xdist appends `@group` under --dist loadgroup).
+
+Flow: options are validated at configure (a HarnessError becomes a pytest usage error);
+the cache is resolved or captured once at session start on the controller; collection
+generates one item per projection x config; running a case computes, on first use, every
+*selected* config of that case's weight (one decomposition, one pass over X) and keeps the
+metrics; each item's metrics travel on its report (user_properties), so under xdist the
+controller sees every case and alone writes the JSON artifact and the baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tokenwise_harness import __version__
+from tokenwise_harness.errors import HarnessError
+
+PROP = "tokenwise_case"
+SUMMARY_ROWS = 10
+
+
+class CaseFailure(Exception):
+    """A case that computed fine but broke a threshold or regressed past its baseline."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model to score: the plain model, or a smoothed one (X / s)."""
+
+    smooth: bool
+    model_dir: str
+    flag: str
+
+
+class TokenwiseItem(pytest.Item):
+    def __init__(self, *, case, variant: Variant, harness: "HarnessSession", **kw):
+        super().__init__(**kw)
+        self.case = case
+        self.variant = variant
+        self.harness = harness
+
+    def runtest(self):
+        self.harness.run_item(self)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, (CaseFailure, HarnessError)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, self.case.case_id
+
+
+class TokenwiseCollector(pytest.Collector):
+    def collect(self):
+        return []
+
+
+def _usage(fn):
+    """Run fn; a HarnessError becomes a pytest usage error (exit 4, one line, no traceback)."""
+    try:
+        return fn()
+    except HarnessError as exc:
+        raise pytest.UsageError(f"tokenwise: {exc}") from None
+
+
+class HarnessSession:
+    @classmethod
+    def start(cls, config) -> "HarnessSession":
+        return _usage(lambda: cls(config))
+
+    def __init__(self, config):
+        from tokenwise_harness.grid import build_grid, parse_qspecs, parse_ranks
+        from tokenwise_harness.thresholds import load_thresholds
+
+        self.config = config
+        opt = config.getoption
+        self.is_worker = hasattr(config, "workerinput")
+        self.rootdir = Path(config.rootpath)
+        thresholds_path = opt("--thresholds")
+        default_thresholds = self.rootdir / "thresholds.yaml"
+        if thresholds_path is None and default_thresholds.is_file():
+            thresholds_path = default_thresholds
+        self.thresholds = load_thresholds(Path(thresholds_path) if thresholds_path else None)
+        grid_cfg = self.thresholds.grid or {}  # already parsed: ranks list[int], qspecs list[QSpec]
+        self.grid_mode = opt("--grid-mode") or grid_cfg.get("grid_mode", "combined")
+        self.ranks = parse_ranks(opt("--ranks"), "--ranks") if opt("--ranks") else grid_cfg.get("ranks", [16, 32])
+        self.qspecs = (parse_qspecs(opt("--qspecs"), "--qspecs") if opt("--qspecs")
+                       else grid_cfg.get("qspecs") or parse_qspecs("nvfp4@128"))
+        self.act_qspecs = (parse_qspecs(opt("--act-qspecs"), "--act-qspecs") if opt("--act-qspecs")
+                           else grid_cfg.get("act_qspecs") or [])
+        self.iters = opt("--lowrank-iters") or int(grid_cfg.get("iters", 1))
+        self.grid = build_grid(self.ranks, self.qspecs, self.grid_mode, self.act_qspecs, self.iters)
+        self.chunk_tokens = opt("--chunk-tokens")
+        if self.chunk_tokens <= 0:
+            raise HarnessError(f"--chunk-tokens {self.chunk_tokens} must be positive")
+        self.variants = self._variants()
+        self.xy_path = opt("--xy-path")
+        self.device = self._device()
+        self.quantizer = opt("--quantizer")
+        if self.quantizer:
+            from tokenwise_harness.pipeline import resolve_callable
+
+            self.fake_op = resolve_callable(self.quantizer, "--quantizer")
+        self.update = opt("--update-baselines")
+        self.update_new = opt("--update-baselines-new")
+        self.report_path = opt("--tokenwise-report")
+        if self.report_path:
+            from tokenwise_harness.atomic import check_writable_dir
+
+            check_writable_dir(Path(self.report_path).resolve().parent, "--tokenwise-report", create=False)
+        self.baselines_root = Path(opt("--baselines-dir") or self.rootdir / "baselines")
+        self.cache = None
+        self.cases: dict[str, object] = {}
+        self.items: list[TokenwiseItem] = []
+        self.computed: dict[tuple, dict] = {}
+        self.recorded: dict[str, dict] = {}
+        self.update_summaries: list = []
+        self.stale: list[str] = []
+        self.warnings: list[str] = []
+        self._provenance: dict = {}
+        config.pluginmanager.register(self, "tokenwise-session")
+
+    # ------------------------------------------------------------ options
+    def _variants(self) -> list[Variant]:
+        from tokenwise_harness.checkpoint import ModelDir
+
+        opt = self.config.getoption
+        variants = []
+        if opt("--model-dir"):
+            ModelDir(opt("--model-dir"), "--model-dir")
+            variants.append(Variant(False, opt("--model-dir"), "--model-dir"))
+        if opt("--smooth-model-dir"):
+            ModelDir(opt("--smooth-model-dir"), "--smooth-model-dir")
+            variants.append(Variant(True, opt("--smooth-model-dir"), "--smooth-model-dir"))
+        if not variants:
+            raise HarnessError("--xy-path needs --model-dir (or --smooth-model-dir) for the weights to score")
+        return variants
+
+    def _device(self) -> str:
+        from tokenwise_harness.pipeline import pick_device
+
+        device = pick_device(self.config.getoption("--device"), "--device")
+        worker = getattr(self.config, "workerinput", {}).get("workerid", "")
+        if device == "cuda" and worker.startswith("gw"):
+            import torch
+
+            # one GPU per xdist worker, by worker index (CUDA_VISIBLE_DEVICES already applied)
+            device = f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
+        return device
+
+    # ------------------------------------------------------------ cache
+    def prepare_cache(self) -> None:
+        _usage(self._prepare_cache)
+
+    def _prepare_cache(self) -> None:
+        from tokenwise_harness.cache import XYCache
+        from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.pipeline import check_cache_model
+
+        if self.xy_path:
+            self.cache = XYCache(self.xy_path, "--xy-path")
+        else:
+            self.cache = XYCache(self._captured_cache(), "--xy-path")
+        for v in self.variants:
+            check_cache_model(self.cache, ModelDir(v.model_dir, v.flag), v.smooth)
+
+    def _captured_cache(self) -> Path:
+        """The cache for --model-dir, keyed by model and data fingerprints; captured when missing."""
+        from tokenwise_harness import data
+        from tokenwise_harness.capture import save_xy
+        from tokenwise_harness.checkpoint import ModelDir, load_tokenizer
+
+        plain = [v for v in self.variants if not v.smooth]
+        if not plain:
+            raise HarnessError("--smooth-model-dir without --xy-path needs --model-dir to capture a cache from")
+        opt = self.config.getoption
+        mdir = ModelDir(plain[0].model_dir, "--model-dir")
+        batch = data.get_veri_data(load_tokenizer(mdir), opt("--xy-seed"), opt("--xy-cn"), opt("--xy-length"),
+                                   opt("--xy-eu"), opt("--xy-length"), "cpu")
+        label = f"{mdir.name}-{mdir.fingerprint[:12]}-{data.data_fingerprint(batch)[:12]}"
+        cache_dir = Path(opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")
+        path = cache_dir / f"{label}.safetensors"
+        if path.is_file() or self.is_worker:
+            return path
+        for old in cache_dir.glob(f"{mdir.name}-*.safetensors"):
+            old.unlink()  # the model or the data changed: this cache is stale
+        save_xy(mdir.path, cache_dir, label, seed=opt("--xy-seed"), cn=opt("--xy-cn"), eu=opt("--xy-eu"),
+                length=opt("--xy-length"), torch_dtype=opt("--torch-dtype"), device=self.device,
+                progress=False, log=lambda msg: None)
+        return path
+
+    # ------------------------------------------------------------ collection
+    def collect(self, session, items: list) -> None:
+        from tokenwise_harness.cases import Case
+
+        parent = TokenwiseCollector.from_parent(session, name="tokenwise", nodeid="tokenwise",
+                                                path=self.rootdir / "tokenwise")
+        new = []
+        for variant in self.variants:
+            for target in self.cache.targets:
+                for cfg in self.grid:
+                    case = Case(target.layer, target.block, target.proj, cfg, variant.smooth)
+                    self.cases[case.case_id] = case
+                    item = TokenwiseItem.from_parent(parent, name=case.case_id, case=case, variant=variant,
+                                                     harness=self)
+                    item.add_marker(pytest.mark.tokenwise)
+                    item.add_marker(pytest.mark.xdist_group(name=f"{target.path}{'-smooth' if variant.smooth else ''}"))
+                    new.append(item)
+        self.items = new
+        items.extend(new)
+        # Report the generated items as a collection result, so counts and --co listings see them.
+        config = session.config
+        config.hook.pytest_collectreport(report=pytest.CollectReport(parent.nodeid, "passed", None, new))
+
+    # ------------------------------------------------------------ running
+    def run_item(self, item: TokenwiseItem) -> None:
+        case = item.case
+        metrics = self._metrics(item)
+        failures = list(self.thresholds.check(case, metrics))
+        limits = {m: {"limit": lim.value, "rule": lim.rule} for m, lim in self.thresholds.limits_for(case).items()}
+        store = self._store(item.variant)
+        baseline = store.get(case.case_id)
+        if not (self.update or self.update_new):
+            failures += self._baseline_failures(store, case, metrics, item.variant)
+        payload = {"case_id": case.case_id, "layer": case.layer, "block": case.block, "proj": case.proj,
+                   "config": case.cfg.key, "smooth": case.smooth, "metrics": metrics, "limits": limits,
+                   "baseline": baseline, "verdict": "failed" if failures else "passed",
+                   "model_dir": item.variant.model_dir}
+        item.user_properties.append((PROP, json.dumps(payload, sort_keys=True, allow_nan=True)))
+        for name in ("nmse", "sqnr_db", "token_rel_l2_max"):
+            item.user_properties.append((name, metrics[name]))
+        if failures:
+            raise CaseFailure("\n".join(failures))
+
+    def _baseline_failures(self, store, case, metrics, variant) -> list[str]:
+        return list(store.compare(case, metrics, self.thresholds, provenance=self.provenance(variant)))
+
+    def _metrics(self, item: TokenwiseItem) -> dict:
+        key = (item.variant, item.case.layer, item.case.block, item.case.proj)
+        if key not in self.computed:
+            _usage(lambda: self._compute_weight(item))
+        return self.computed[key][item.case.cfg.key]
+
+    def _selected_cfgs(self, item: TokenwiseItem) -> list:
+        """The configs of this item's weight that survived -k selection (compute only those)."""
+        same = [it.case.cfg for it in item.session.items if isinstance(it, TokenwiseItem)
+                and it.variant == item.variant and (it.case.layer, it.case.block, it.case.proj)
+                == (item.case.layer, item.case.block, item.case.proj)]
+        return same or [item.case.cfg]
+
+    def _compute_weight(self, item: TokenwiseItem) -> None:
+        from tokenwise_harness import evaluate
+        from tokenwise_harness.allowlist import Target
+        from tokenwise_harness.checkpoint import ModelDir, load_model
+
+        variant, case = item.variant, item.case
+        target = Target(case.layer, case.block, case.proj)
+        cfgs = self._selected_cfgs(item)
+        mdir = ModelDir(variant.model_dir, variant.flag)
+        if self.quantizer:
+            model = self._user_model(variant, mdir)
+            results = evaluate.evaluate_with_model_op(self.cache, model, self.fake_op, cfgs, self.chunk_tokens,
+                                                      self.device, variant.smooth, progress=False)
+            for (layer, block, proj), metrics in results.items():
+                self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
+            return
+        if mdir.safetensors_index is not None and target in mdir.targets():
+            source = evaluate.CheckpointWeights(mdir, variant.smooth)
+        else:
+            source = evaluate.ModuleWeights(load_model(mdir, self.config.getoption("--torch-dtype")), variant.smooth)
+        results = evaluate.evaluate_grid(self.cache, source, cfgs, self.chunk_tokens, self.device,
+                                         targets=[target], progress=False)
+        self.computed[(variant, case.layer, case.block, case.proj)] = results[(case.layer, case.block, case.proj)]
+
+    def _user_model(self, variant: Variant, mdir):
+        if not hasattr(self, "_models"):
+            self._models = {}
+        if variant not in self._models:
+            from tokenwise_harness.checkpoint import load_model
+            from tokenwise_harness.smooth import load_smoothed_model
+
+            self._models[variant] = (load_smoothed_model(mdir.path) if variant.smooth
+                                     else load_model(mdir, self.config.getoption("--torch-dtype")))
+        return self._models[variant]
+
+    # ------------------------------------------------------------ baselines
+    def _store(self, variant: Variant):
+        from tokenwise_harness.baselines import BaselineStore, model_id
+        from tokenwise_harness.checkpoint import ModelDir
+
+        if not hasattr(self, "_stores"):
+            self._stores = {}
+        if variant not in self._stores:
+            mdir = ModelDir(variant.model_dir, variant.flag)
+            hint = f"`pytest {' '.join(self._rerun_args())} --update-baselines`"
+            self._stores[variant] = BaselineStore(self.baselines_root, model_id(mdir.name, mdir.fingerprint),
+                                                  update=self.update or self.update_new, hint=hint)
+        return self._stores[variant]
+
+    def provenance(self, variant: Variant) -> dict:
+        """This run's provenance for a variant's baselines (computed once per variant)."""
+        import torch
+
+        from tokenwise_harness.baselines import build_provenance
+        from tokenwise_harness.checkpoint import ModelDir
+
+        if variant not in self._provenance:
+            mdir = ModelDir(variant.model_dir, variant.flag)
+            on_cuda = self.device.startswith("cuda")
+            self._provenance[variant] = dict(build_provenance(
+                model_fingerprint=mdir.fingerprint,
+                cache_fingerprint=self.cache.metadata.get("data_fingerprint", ""),
+                dtype=self.config.getoption("--torch-dtype"),
+                device=torch.cuda.get_device_name(self.device) if on_cuda else "cpu",
+                torch_version=torch.__version__,
+                cuda_version=torch.version.cuda if on_cuda else None,
+                cwd=self.rootdir), quantizer=self.quantizer or "tokenwise_harness.svdq:fake_op")
+        return self._provenance[variant]
+
+    # ------------------------------------------------------------ recording (controller side)
+    def pytest_runtest_logreport(self, report):
+        if report.when != "call":
+            return
+        for name, value in report.user_properties:
+            if name == PROP:
+                payload = json.loads(value)
+                self.recorded[payload["case_id"]] = payload
+
+    def finish(self, session) -> None:
+        if self.is_worker or not self.recorded:
+            return
+        try:
+            self._write_baselines(session)
+            if self.report_path:
+                self._write_report()
+        except HarnessError as exc:
+            self.warnings.append(str(exc))
+            session.exitstatus = pytest.ExitCode.USAGE_ERROR
+
+    def _write_baselines(self, session) -> None:
+        by_variant: dict[Variant, list[dict]] = {}
+        for payload in self.recorded.values():
+            variant = next(v for v in self.variants if v.model_dir == payload["model_dir"]
+                           and v.smooth == payload["smooth"])
+            by_variant.setdefault(variant, []).append(payload)
+        for variant, payloads in by_variant.items():
+            store = self._store(variant)
+            self.stale += store.stale(set(self.cases), self._in_scope)
+            self.warnings += store.provenance_warnings([p["case_id"] for p in payloads], self.provenance(variant))
+            if not (self.update or self.update_new):
+                continue
+            for p in payloads:
+                store.record(p["case_id"], p["metrics"])
+            if self.update and self.stale:
+                store.delete(self.stale)
+            self.update_summaries.append(store.flush(self.provenance(variant), new_only=self.update_new))
+
+    def _in_scope(self, case_id: str) -> bool:
+        """Would this run have generated and selected a case of this id, had it existed?
+
+        Only such stored cases can be judged stale: a baseline of a config outside the current
+        grid, or outside `-k`, is simply not part of this run.
+        """
+        from _pytest.mark.expression import Expression
+
+        from tokenwise_harness.cases import parse_case_id
+
+        case = parse_case_id(case_id)
+        if case is None or case.cfg not in self.grid:
+            return False
+        keyword = self.config.getoption("keyword")
+        if not keyword:
+            return True
+        names = {case_id, "tokenwise"}
+        return Expression.compile(keyword).evaluate(
+            lambda name, **kw: any(name.lower() in n.lower() for n in names))
+
+    def _rerun_args(self) -> list[str]:
+        """The harness options of this run, to quote in hints."""
+        args = []
+        for opt in ("--model-dir", "--smooth-model-dir", "--xy-path", "--ranks", "--qspecs", "--grid-mode"):
+            value = self.config.getoption(opt)
+            if value:
+                args.append(f"{opt} {value}")
+        return args
+
+    def _write_report(self) -> None:
+        from tokenwise_harness import report
+
+        results: dict = {}
+        cases: dict = {}
+        for p in self.recorded.values():
+            if p["smooth"] and len(self.variants) > 1:
+                continue  # the §2.5 report holds one model; smoothed cases are listed under "cases"
+            results.setdefault((p["layer"], p["block"], p["proj"]), {})[p["config"]] = p["metrics"]
+        for cid in sorted(self.recorded):
+            p = self.recorded[cid]
+            cases[cid] = {k: p[k] for k in ("config", "smooth", "verdict", "limits", "baseline")}
+        variant = self.variants[0]
+        meta = {"xy_path": str(self.cache.path), "xy_meta": self.cache.meta, "grid_mode": self.grid_mode,
+                "ranks": self.ranks, "qspecs": [[q.fmt, str(q.blk)] for q in self.qspecs],
+                "smooth": variant.smooth, "chunk_tokens": self.chunk_tokens,
+                "configs": [c.key for c in self.grid], "model_dir": variant.model_dir,
+                "quantizer": self.quantizer or "tokenwise_harness.svdq:fake_op", "harness_version": __version__}
+        rep = report.build_report(meta, results)
+        rep["cases"] = cases
+        report.write_report(rep, Path(self.report_path), flag="--tokenwise-report")
+
+    # ------------------------------------------------------------ terminal
+    def header(self) -> str:
+        models = ", ".join(f"{v.model_dir}{' (smoothed)' if v.smooth else ''}" for v in self.variants)
+        return f"tokenwise: {models}; grid {len(self.grid)} configs; device {self.device}"
+
+    def terminal_summary(self, tr) -> None:
+        if self.is_worker or not self.recorded:
+            return
+        tr.section("tokenwise precision")
+        worst = sorted(self.recorded.values(), key=lambda p: -_num(p["metrics"]["nmse"]))
+        tr.write_line(f"{'case':<60} {'nmse':>11} {'sqnr_db':>8} {'rel_l2_max':>11} verdict")
+        for p in worst[:SUMMARY_ROWS]:
+            m = p["metrics"]
+            tr.write_line(f"{p['case_id']:<60} {_num(m['nmse']):>11.4e} {_num(m['sqnr_db']):>8.2f} "
+                          f"{_num(m['token_rel_l2_max']):>11.4e} {p['verdict']}")
+        if len(worst) > SUMMARY_ROWS:
+            tr.write_line(f"... {len(worst) - SUMMARY_ROWS} more cases (see --tokenwise-report)")
+        for summary in self.update_summaries:
+            for line in summary.lines():
+                tr.write_line(line)
+        if self.stale:
+            verb = "deleted" if self.update else "stale (no such case any more; --update-baselines deletes them)"
+            tr.write_line(f"baselines {verb}: {len(self.stale)}")
+            for cid in self.stale[:SUMMARY_ROWS]:
+                tr.write_line(f"  {cid}")
+        for w in self.warnings:
+            tr.write_line(f"warning: {w}")
+        if self.report_path:
+            tr.write_line(f"report: {self.report_path}")
+
+
+def _num(value) -> float:
+    return math.nan if value is None else float(value)
