@@ -165,7 +165,9 @@ def test_oracle_casts_round_half_to_even():
 
 
 def test_e2m1_cast_matches_ml_dtypes_on_a_dense_sweep():
-    v = np.linspace(-7, 7, 28001).astype(np.float32)
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], np.float32)
+    near = np.concatenate([np.nextafter(mids, np.float32(0)), mids, np.nextafter(mids, np.float32(9))])
+    v = np.concatenate([np.linspace(-7, 7, 28001), near, -near, [6.0, -6.0, 1e30, -1e30, 0.0]]).astype(np.float32)
     got = formats.round_to_e2m1(torch.from_numpy(v)).numpy()
     assert np.array_equal(got, cast(np.clip(v, -6, 6), E2M1))
 

@@ -134,16 +134,36 @@ FORMATS: dict[str, FormatSpec] = {
 # ----------------------------------------------------------------------------- element casts
 
 
-def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
-    """Saturating round-half-to-even cast to E2M1, returned as float32 values.
+def _e2m1_rounding_table(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid, boundaries) such that grid[bucketize(v, boundaries)] is v rounded to E2M1.
 
-    E2M1's grid has spacing 0.5 below 2, 1 in [2, 4) and 2 in [4, 6]; dividing by that
-    (power-of-two) spacing is exact, so torch.round's half-to-even on the quotient is exactly
-    the format's tie rule (an even quotient is an even mantissa).
+    The boundaries are the midpoints of neighbouring grid values. A value exactly on a
+    midpoint must go to the neighbour with the even mantissa (round half to even): where that
+    is the upper one, the boundary is moved down by one float32 ulp, since bucketize sends
+    x == boundary to the lower bucket. Beyond the outer grid values the table saturates at +-6.
     """
-    a = v.abs().clamp_(max=E2M1_MAX)
-    step = torch.where(a < 2.0, 0.5, torch.where(a < 4.0, 1.0, 2.0))
-    return torch.copysign(a.div_(step).round_().mul_(step), v)
+    key = str(device)
+    if key not in _E2M1_TABLES:
+        grid = torch.tensor(sorted(set(_e2m1_values())), dtype=torch.float32)
+        even = {0.0, 1.0, 2.0, 4.0}  # |value| with mantissa bit 0: codes 0, 2, 4, 6
+        mids = (grid[:-1] + grid[1:]) / 2
+        upper_even = torch.tensor([abs(h) in even for h in grid[1:].tolist()])
+        bounds = torch.where(upper_even, torch.nextafter(mids, torch.tensor(-float("inf"))), mids)
+        _E2M1_TABLES[key] = (grid.to(device), bounds.to(device))
+    return _E2M1_TABLES[key]
+
+
+_E2M1_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
+    """Saturating round-half-to-even cast of float32 `v` to E2M1, as float32 values.
+
+    Two memory passes (a bucketize and a table lookup), where arithmetic rounding takes ten.
+    A negative value that rounds to zero gives +0.
+    """
+    grid, bounds = _e2m1_rounding_table(v.device)
+    return grid[torch.bucketize(v, bounds, out_int32=True)]
 
 
 def round_to_e4m3(v: torch.Tensor) -> torch.Tensor:
