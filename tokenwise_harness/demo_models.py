@@ -16,13 +16,16 @@ every tensor regardless of how transformers would initialise them):
 
 Planted outliers: real LLMs have a few input channels far larger than the rest, which is
 what SmoothQuant migrates into the weights and what the low-rank branch then absorbs. In
-every even-numbered layer (layer 0, 2, ...) `outlier_channels` channels are multiplied by
-`outlier_scale` at four places, each giving one set of projections a large input channel:
+every even-numbered layer (layer 0, 2, ...) `outlier_channels` channels are made about
+`outlier_scale` times larger than the typical (median) channel at four places, each giving
+one set of projections large input channels:
   * input_layernorm weight      -> inputs of q_proj, k_proj, v_proj
   * post_attention_layernorm    -> inputs of gate_proj, up_proj
   * rows of up_proj             -> input of down_proj
   * rows of v_proj (and bias)   -> input of o_proj (attention mixes v rows, so the scaled
                                    channels of each kv head reach every query head sharing it)
+The up_proj and v_proj rows are sized from activations measured on a small fixed batch of
+the embedded corpus (see _plant_outliers for why).
 Odd layers are left plain, so tests can contrast the two. The planted input channels of
 each projection are recorded in config.json under `tokenwise_demo.outliers`
 (module path -> sorted channel list); `planted_outliers(DIR)` reads them back.
@@ -46,6 +49,7 @@ DEMO_FORMAT = 1
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 MAX_POSITIONS = 4096
 BIAS_STD = 0.2
+CALIBRATION_SEED = 1234
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -179,8 +183,54 @@ def _pick(generator, n: int, k: int) -> list[int]:
     return sorted(torch.randperm(n, generator=generator)[:k].tolist())
 
 
-def _plant_outliers(model, generator, k: int, scale: float) -> dict[str, list[int]]:
-    """Scale k channels at four places in every even layer; return module path -> input channels."""
+def _calibration_batch(tokenizer) -> dict:
+    """A small fixed batch to measure activations on (its own seed: tests sample seed 0)."""
+    from tokenwise_harness.data import get_veri_data
+
+    return get_veri_data(tokenizer, CALIBRATION_SEED, 8, 64, 8, 64, "cpu")
+
+
+def _channel_rms(model, batch, module, output: bool):
+    """Per-channel RMS over all tokens of a module's input (or output) on `batch`."""
+    import torch
+
+    seen = []
+    hook = module.register_forward_hook(lambda mod, args, out: seen.append(out if output else args[0]))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    x = seen[0].reshape(-1, seen[0].shape[-1]).double()
+    return x.pow(2).mean(dim=0).sqrt()
+
+
+def _resize_rows(linear, rows: list[int], rms, scale: float) -> None:
+    """Rescale some output rows of a linear so their RMS becomes ~scale x the median channel's.
+
+    `rms` is the measured RMS of every output channel.
+
+    The factor is rounded to a 1/16 step in log2, so last-bit differences in the measurement
+    (another CPU, another attention kernel) almost never change the saved weights.
+    """
+    import torch
+
+    factors = scale * rms.median() / rms[rows]
+    factors = torch.exp2(torch.round(torch.log2(factors) * 16) / 16).float()
+    linear.weight[rows] *= factors[:, None]
+    if linear.bias is not None:
+        linear.bias[rows] *= factors
+
+
+def _plant_outliers(model, tokenizer, generator, k: int, scale: float) -> dict[str, list[int]]:
+    """Plant k outlier channels at four places in every even layer; return module path -> input channels.
+
+    The norm weights are scaled by `scale` directly: RMSNorm leaves every channel at a similar
+    size, so that is `scale` x typical. The v_proj and up_proj rows are sized from measured
+    activations instead: the planted norm channels make those outputs very uneven from channel
+    to channel (each depends on its weights on the few large inputs), and a row scaled relative
+    to itself could land below the big ordinary channels.
+    """
     import torch
 
     cfg = model.config
@@ -189,6 +239,33 @@ def _plant_outliers(model, generator, k: int, scale: float) -> dict[str, list[in
     outliers: dict[str, list[int]] = {}
     if k == 0:
         return outliers
+    batch = _calibration_batch(tokenizer)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            if i % 2:
+                continue
+            attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}"
+            attn_in = _pick(generator, cfg.hidden_size, k)
+            mlp_in = _pick(generator, cfg.hidden_size, k)
+            down_in = _pick(generator, cfg.intermediate_size, k)
+            v_rows = _pick(generator, cfg.num_key_value_heads * head_dim, k)
+
+            layer.input_layernorm.weight[attn_in] *= scale
+            layer.post_attention_layernorm.weight[mlp_in] *= scale
+            # In this order: each measurement sees the layer's earlier plants.
+            _resize_rows(attn.v_proj, v_rows, _channel_rms(model, batch, attn.v_proj, output=True), scale)
+            _resize_rows(mlp.up_proj, down_in, _channel_rms(model, batch, mlp.down_proj, output=False), scale)
+
+            # o_proj input channel (head h, dim d) reads kv head h // group at dim d.
+            o_in = sorted(h * head_dim + r % head_dim for r in v_rows
+                          for h in range(cfg.num_attention_heads) if h // group == r // head_dim)
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                outliers[f"{prefix}.self_attn.{proj}"] = attn_in
+            outliers[f"{prefix}.self_attn.o_proj"] = o_in
+            outliers[f"{prefix}.mlp.gate_proj"] = mlp_in
+            outliers[f"{prefix}.mlp.up_proj"] = mlp_in
+            outliers[f"{prefix}.mlp.down_proj"] = down_in
+    return outliers
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             if i % 2:
@@ -201,11 +278,18 @@ def _plant_outliers(model, generator, k: int, scale: float) -> dict[str, list[in
 
             layer.input_layernorm.weight[attn_in] *= scale
             layer.post_attention_layernorm.weight[mlp_in] *= scale
-            layer.mlp.up_proj.weight[down_in] *= scale
+            # The norm outliers above make the outputs of v/gate/up very uneven from channel to
+            # channel (each depends on its weights on the few large inputs). Scaling a row by
+            # `scale` relative to itself could then land below the big ordinary channels, so
+            # size each planted row to `scale` times the typical channel instead.
+            attn_w = layer.input_layernorm.weight
+            mlp_w = layer.post_attention_layernorm.weight
             v = layer.self_attn.v_proj
-            v.weight[v_rows] *= scale
-            if v.bias is not None:
-                v.bias[v_rows] *= scale
+            v_size = (v.weight * attn_w).norm(dim=1)
+            _resize_rows(v, v_rows, scale * v_size.median() / v_size)
+            mlp = layer.mlp
+            act_size = (mlp.gate_proj.weight * mlp_w).norm(dim=1) * (mlp.up_proj.weight * mlp_w).norm(dim=1)
+            _resize_rows(mlp.up_proj, down_in, scale * act_size.median() / act_size)
 
             # o_proj input channel (head h, dim d) reads kv head h // group at dim d.
             o_in = sorted(h * head_dim + r % head_dim for r in v_rows
@@ -244,9 +328,10 @@ def build_demo(
     # demo model leaves the caller's RNG state untouched (our own init overwrites it all).
     with torch.random.fork_rng(devices=[]):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
     generator = torch.Generator().manual_seed(seed)
     _init_weights(model, generator)
-    outliers = _plant_outliers(model, generator, outlier_channels, outlier_scale)
+    outliers = _plant_outliers(model, tokenizer, generator, outlier_channels, outlier_scale)
     model.config.tokenwise_demo = {
         "format": DEMO_FORMAT,
         "family": family,
@@ -255,7 +340,6 @@ def build_demo(
         "outlier_layers": sorted({int(p.split(".")[2]) for p in outliers}),
         "outliers": outliers,
     }
-    model.eval()
     return model, tokenizer
 
 
