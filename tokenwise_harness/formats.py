@@ -134,6 +134,9 @@ FORMATS: dict[str, FormatSpec] = {
 # ----------------------------------------------------------------------------- element casts
 
 
+_E2M1_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device
+
+
 def _e2m1_rounding_table(device) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid, boundaries) such that grid[bucketize(v, boundaries)] is v rounded to E2M1.
 
@@ -151,9 +154,6 @@ def _e2m1_rounding_table(device) -> tuple[torch.Tensor, torch.Tensor]:
         bounds = torch.where(upper_even, torch.nextafter(mids, torch.tensor(-float("inf"))), mids)
         _E2M1_TABLES[key] = (grid.to(device), bounds.to(device))
     return _E2M1_TABLES[key]
-
-
-_E2M1_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
