@@ -1,0 +1,282 @@
+"""The evaluation engine, eval_fake / eval_smooth / smooth from the CLI, and their errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tests.helpers import files_under, one_line_error, run_cli, run_cli_subprocess
+from tokenwise_harness import evaluate, report
+from tokenwise_harness.cache import XYCache
+from tokenwise_harness.capture import save_xy
+from tokenwise_harness.checkpoint import ModelDir
+from tokenwise_harness.grid import build_grid, parse_qspecs
+from tokenwise_harness.pipeline import EvalSpec, run_eval
+from tokenwise_harness.svdq import fake_quantize_weight
+
+QUIET = dict(progress=False, log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def qwen2(demo_model_dirs, tmp_path_factory):
+    """The qwen2 demo model (q/k/v biases) and an fp32 cache of it."""
+    out = tmp_path_factory.mktemp("engine")
+    cache = save_xy(demo_model_dirs["qwen2"], out, "c", cn=3, eu=5, length=25, save_dtype="fp32", **QUIET)
+    return demo_model_dirs["qwen2"], cache
+
+
+@pytest.fixture(scope="module")
+def qwen3(demo_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine3")
+    cache = save_xy(demo_model_dir, out, "c", cn=4, eu=4, length=32, save_dtype="fp32", **QUIET)
+    return demo_model_dir, cache
+
+
+def reference_metrics(x, y, w_tilde, b):
+    """Independent float64 metrics of Y~ = X W~ᵀ + b against Y (numpy)."""
+    x, y, w_tilde = (np.asarray(t, dtype=np.float64) for t in (x, y, w_tilde))
+    y_tilde = x @ w_tilde.T + (0.0 if b is None else np.asarray(b, dtype=np.float64))
+    err = y_tilde - y
+    e_l2 = np.sqrt((err ** 2).sum(1))
+    y_l2 = np.sqrt((y ** 2).sum(1))
+    sse, denom = float((err ** 2).sum()), float((y ** 2).sum())
+    return {"nmse": sse / denom, "sse": sse, "denom": denom, "token_l2_mean": e_l2.mean(),
+            "token_l2_max": e_l2.max(), "token_rel_l2_mean": (e_l2 / y_l2).mean(),
+            "token_rel_l2_max": (e_l2 / y_l2).max(), "n_tokens": x.shape[0],
+            "sqnr_db": -10 * np.log10(sse / denom)}
+
+
+@pytest.mark.parametrize("chunk_tokens", [37, 4096])
+def test_metrics_match_float64_reference(qwen2, chunk_tokens):
+    model_dir, cache_path = qwen2
+    cache, mdir = XYCache(cache_path), ModelDir(model_dir)
+    grid = build_grid([0, 8], parse_qspecs("nvfp4@16,fp4@in,int4_asym@32"), "full")
+    results = evaluate.evaluate_grid(cache, evaluate.CheckpointWeights(mdir, False), grid, chunk_tokens, "cpu",
+                                     progress=False)
+    assert len(results) == len(cache.targets)
+    for target in cache.targets[:7] + cache.targets[-2:]:
+        e = cache.entry(target)
+        x, y = cache.rows(e.x_key, 0, cache.n_tokens), cache.rows(e.y_key, 0, cache.n_tokens)
+        w, b = mdir.read(target.path + ".weight"), mdir.read(target.path + ".bias")
+        for cfg in grid:
+            ref = reference_metrics(x, y, fake_quantize_weight(w.float(), cfg), b)
+            got = results[(target.layer, target.block, target.proj)][cfg.key]
+            for name, value in ref.items():
+                assert got[name] == pytest.approx(value, rel=2e-5), (target.path, cfg.key, name)
+
+
+def test_grid_sets_and_report_schema(qwen3, tmp_path):
+    model_dir, cache_path = qwen3
+    combined = run_eval(EvalSpec.from_text("8,16", "nvfp4@128", model_dir=str(model_dir), xy_path=str(cache_path)),
+                        **QUIET)
+    full = run_eval(EvalSpec.from_text("8,16", "nvfp4@128", model_dir=str(model_dir), xy_path=str(cache_path),
+                                       grid_mode="full"), **QUIET)
+    report.validate_report(combined)
+    report.validate_report(full)
+    keys = lambda r: set(r["by_layer"]["0"]["self_attn"]["by_proj"]["q_proj"])  # noqa: E731
+    assert keys(combined) == {"rank=8;fmt=nvfp4;blk=128", "rank=16;fmt=nvfp4;blk=128"}
+    assert keys(full) == keys(combined) | {"rank=0;fmt=nvfp4;blk=128", "rank=8;fmt=none;blk=none",
+                                           "rank=16;fmt=none;blk=none"}
+    assert full["meta"]["qspecs"] == [["nvfp4", "128"]] and full["meta"]["grid_mode"] == "full"
+    agg = full["by_layer"]["1"]["mlp"]["agg"]["rank=8;fmt=nvfp4;blk=128"]
+    nmses = [full["by_layer"]["1"]["mlp"]["by_proj"][p]["rank=8;fmt=nvfp4;blk=128"]["nmse"]
+             for p in ("gate_proj", "up_proj", "down_proj")]
+    assert agg["n_proj"] == 3 and agg["nmse_max_over_proj"] == max(nmses)
+    assert agg["nmse_mean_over_proj"] == pytest.approx(sum(nmses) / 3, rel=1e-12)
+
+
+def test_error_does_not_grow_with_rank(qwen3):
+    model_dir, cache_path = qwen3
+    rep = run_eval(EvalSpec.from_text("0,4,8,16,32", "nvfp4@16", model_dir=str(model_dir), xy_path=str(cache_path),
+                                      grid_mode="full"), **QUIET)
+    for layer in rep["by_layer"].values():
+        for block in layer.values():
+            for proj, cfgs in block["by_proj"].items():
+                rank_only = [cfgs[f"rank={r};fmt=none;blk=none"]["nmse"] for r in (4, 8, 16, 32)]
+                assert rank_only == sorted(rank_only, reverse=True), proj
+
+
+def test_model_level_quantizer_matches_per_weight_engine(qwen3):
+    """The seed's flow (whole-model fake_op, restore) and the per-weight engine agree."""
+    model_dir, cache_path = qwen3
+    kw = dict(model_dir=str(model_dir), xy_path=str(cache_path))
+    ours = run_eval(EvalSpec.from_text("8", "nvfp4@16,int8@32", **kw), **QUIET)
+    user = run_eval(EvalSpec.from_text("8", "nvfp4@16,int8@32", quantizer="tests.quantizers:correct_fake_op", **kw),
+                    **QUIET)
+    for (*_, cfg, a), (*_, b) in zip(report.iter_metrics(ours), report.iter_metrics(user)):
+        assert a["nmse"] == pytest.approx(b["nmse"], rel=1e-5, abs=1e-12), cfg
+
+
+def test_restore_semantics_with_a_stateful_quantizer(qwen3):
+    model_dir, cache_path = qwen3
+    kw = dict(model_dir=str(model_dir), xy_path=str(cache_path), quantizer="tests.quantizers:accumulating_fake_op")
+    restored = run_eval(EvalSpec.from_text("4,8,16", "nvfp4@16", **kw), **QUIET)
+    kept = run_eval(EvalSpec.from_text("4,8,16", "nvfp4@16", no_restore=True, **kw), **QUIET)
+    q = lambda r: [m["nmse"] for m in r["by_layer"]["0"]["self_attn"]["by_proj"]["q_proj"].values()]  # noqa: E731
+    assert q(restored)[0] == q(restored)[1] == q(restored)[2]  # every config starts from the original
+    assert q(kept)[0] == q(restored)[0]
+    assert q(kept)[0] < q(kept)[1] < q(kept)[2]  # without restore the perturbation accumulates
+    assert q(kept)[2] == pytest.approx(9 * q(kept)[0], rel=0.05)
+
+
+def test_smoothing_lowers_error_on_planted_outlier_projections(qwen3, tmp_path):
+    from tokenwise_harness.demo_models import planted_outliers
+    from tokenwise_harness.smooth import smooth
+
+    model_dir, cache_path = qwen3
+    smoothed = smooth(model_dir, cache_path, tmp_path / "sm", alpha=0.5, log=lambda m: None)
+    kw = dict(xy_path=str(cache_path))
+    plain = run_eval(EvalSpec.from_text("8", "nvfp4@16", model_dir=str(model_dir), **kw), **QUIET)
+    smooth_rep = run_eval(EvalSpec.from_text("8", "nvfp4@16", model_dir=str(smoothed), smooth=True, **kw), **QUIET)
+    assert smooth_rep["meta"]["smooth"] is True and smooth_rep["meta"]["smooth_meta"]["alpha"] == 0.5
+    key = "rank=8;fmt=nvfp4;blk=16"
+    for path in planted_outliers(model_dir):
+        _, _, layer, block, proj = path.split(".")
+        a = plain["by_layer"][layer][block]["by_proj"][proj][key]["nmse"]
+        b = smooth_rep["by_layer"][layer][block]["by_proj"][proj][key]["nmse"]
+        assert b < 0.5 * a, (path, a, b)
+
+
+def test_smoothed_model_keeps_the_function(qwen3, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tokenwise_harness.smooth import load_smoothed_model, smooth
+
+    model_dir, cache_path = qwen3
+    out = smooth(model_dir, cache_path, tmp_path / "sm", alpha=0.5, log=lambda m: None)
+    smoothed = load_smoothed_model(out)
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    q = smoothed.model.layers[0].self_attn.q_proj
+    assert hasattr(q, "smooth_factor") and q.smooth_factor.shape == (q.in_features,)
+    assert torch.equal(q.smooth_factor, smoothed.model.layers[0].self_attn.k_proj.smooth_factor)  # shared input
+    ids = torch.arange(1, 33).reshape(2, 16)
+    with torch.no_grad():
+        a, b = original(ids).logits, smoothed(ids).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    meta = json.loads((out / "tokenwise_smooth.json").read_text())
+    assert meta["alpha"] == 0.5 and "max|X_j|^alpha" in meta["formula"]
+
+
+def test_seed_example_commands_end_to_end(qwen3, tmp_path):
+    """Seed §4.1-4.3 with the paths swapped for a demo model, as a user runs them."""
+    model_dir, _ = qwen3
+    c = tmp_path / "cache_xy"
+    steps = [
+        ["save_xy", "--model_dir", model_dir, "--save_path", c, "--label", "qwen3_s0", "--torch_dtype", "bf16",
+         "--cn", 4, "--eu", 4, "--length", 32],
+        ["eval_fake", "--model_dir", model_dir, "--xy_path", c / "qwen3_s0.safetensors", "--out_json",
+         tmp_path / "results/nocalib_tokenwise.json", "--ranks", "8,16,32", "--qspecs", "nvfp4@128",
+         "--grid_mode", "combined", "--chunk_tokens", 2048, "--torch_dtype", "bf16"],
+        ["eval_fake", "--model_dir", model_dir, "--xy_path", c / "qwen3_s0.safetensors", "--out_json",
+         tmp_path / "results/multiq.json", "--ranks", "16,32", "--qspecs", "nvfp4@128,fp4@128,fp4@in"],
+        ["eval_fake", "--model_dir", model_dir, "--xy_path", c / "qwen3_s0.safetensors", "--out_json",
+         tmp_path / "results/full.json", "--ranks", "16,32", "--qspecs", "nvfp4@128", "--grid_mode", "full"],
+        ["smooth", "--model_dir", model_dir, "--xy_path", c / "qwen3_s0.safetensors", "--out_dir", tmp_path / "sm"],
+        ["eval_smooth", "--smooth_model_dir", tmp_path / "sm", "--xy_path", c / "qwen3_s0.safetensors",
+         "--out_json", tmp_path / "results/smooth.json", "--ranks", "16,32", "--qspecs", "nvfp4@128"],
+        ["analyze", "--report", tmp_path / "results/smooth.json", "--out_dir", tmp_path / "analysis"],
+    ]
+    for step in steps:
+        proc = run_cli(*step)
+        assert proc.returncode == 0, (step[0], proc.stderr)
+    full = json.loads((tmp_path / "results/full.json").read_text())
+    assert len(full["meta"]["configs"]) == 5
+    multiq = json.loads((tmp_path / "results/multiq.json").read_text())
+    assert multiq["meta"]["qspecs"] == [["nvfp4", "128"], ["fp4", "128"], ["fp4", "in"]]
+    assert {"ranking1.csv", "ranking2.md", "heatmap.png"} <= set(files_under(tmp_path / "analysis"))
+    proc = run_cli_subprocess("eval_fake", "--model_dir", model_dir, "--xy_path", c / "qwen3_s0.safetensors",
+                              "--out_json", tmp_path / "sub.json", "--ranks", "8", "--qspecs", "nvfp4@16")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def broken_caches(qwen3, demo_model_dirs, tmp_path_factory):
+    """Caches that must be refused: another model, a missing key, a shape mismatch, NaN."""
+    model_dir, cache_path = qwen3
+    root = tmp_path_factory.mktemp("broken")
+    other = save_xy(demo_model_dirs["llama"], root, "other", cn=2, eu=2, length=8, **QUIET)
+    with safe_open(str(cache_path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    meta_nofp = {k: v for k, v in meta.items() if k not in ("model_fingerprint", "checksums")}
+    missing = dict(tensors)
+    del missing["model.layers.1.mlp.down_proj.X"], missing["model.layers.1.mlp.down_proj.Y"]
+    save_file(missing, str(root / "missing.safetensors"), metadata=meta_nofp)
+    shape = dict(tensors)
+    shape["model.layers.0.self_attn.q_proj.X"] = tensors["model.layers.0.self_attn.q_proj.X"][:, :-1].contiguous()
+    save_file(shape, str(root / "shape.safetensors"), metadata=meta_nofp)
+    nan = dict(tensors)
+    nan["model.layers.0.mlp.up_proj.X"] = tensors["model.layers.0.mlp.up_proj.X"].clone()
+    nan["model.layers.0.mlp.up_proj.X"][3, 2] = float("nan")
+    save_file(nan, str(root / "nan.safetensors"), metadata=meta_nofp)
+    return {"other": other, "missing": root / "missing.safetensors", "shape": root / "shape.safetensors",
+            "nan": root / "nan.safetensors", "good": cache_path}
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"--xy_path": "other"}, "different model"),
+    ({"--xy_path": "missing"}, "down_proj.X"),
+    ({"--xy_path": "shape"}, "do not match"),
+    ({"--xy_path": "nan"}, "NaN"),
+    ({"--ranks": ""}, "--ranks"),
+    ({"--ranks": "8,x"}, "--ranks"),
+    ({"--ranks": "100000"}, "exceeds min(out, in)"),
+    ({"--qspecs": "nvfp5@16"}, "nvfp5"),
+    ({"--qspecs": "nvfp4@0"}, "nvfp4@0"),
+    ({"--grid_mode": "partial"}, "--grid_mode"),
+    ({"--out_json": "/proc/no/r.json"}, "--out_json"),
+    ({"--chunk_tokens": "0"}, "--chunk_tokens"),
+    ({"--quantizer": "nosuchpkg.mod:fn"}, "--quantizer"),
+    ({"--device": "cuda"}, "--device"),
+], ids=["other-model", "missing-key", "shape", "nan", "empty-ranks", "bad-rank", "rank-too-big", "bad-fmt",
+        "bad-blk", "grid-mode", "unwritable-out", "chunk", "quantizer", "no-cuda"])
+def test_eval_bad_inputs(qwen3, broken_caches, tmp_path, change, expect):
+    if change.get("--device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model_dir, _ = qwen3
+    args = {"--model_dir": str(model_dir), "--xy_path": str(broken_caches["good"]),
+            "--out_json": str(tmp_path / "r.json"), "--ranks": "8", "--qspecs": "nvfp4@16"}
+    for k, v in change.items():
+        args[k] = str(broken_caches.get(v, v))
+    line = one_line_error(run_cli("eval_fake", *[x for kv in args.items() for x in kv]))
+    assert expect in line
+    assert files_under(tmp_path) == []
+
+
+def test_eval_smooth_needs_smooth_factor_buffers(qwen3, tmp_path):
+    model_dir, cache_path = qwen3
+    line = one_line_error(run_cli("eval_smooth", "--smooth_model_dir", model_dir, "--xy_path", cache_path,
+                                  "--out_json", tmp_path / "r.json", "--ranks", "8", "--qspecs", "nvfp4@16"))
+    assert "has no smooth_factor buffer" in line and "model.layers.0.self_attn.q_proj" in line
+    assert files_under(tmp_path) == []
+
+
+def test_smooth_bad_alpha_and_nonempty_out(qwen3, tmp_path):
+    model_dir, cache_path = qwen3
+    assert "--alpha" in one_line_error(run_cli("smooth", "--model_dir", model_dir, "--xy_path", cache_path,
+                                               "--out_dir", tmp_path / "s", "--alpha", "1.5"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    assert "--out_dir" in one_line_error(run_cli("smooth", "--model_dir", model_dir, "--xy_path", cache_path,
+                                                 "--out_dir", tmp_path / "busy"))
+
+
+def test_cache_stale_after_model_change(qwen3, tmp_path):
+    model_dir, cache_path = qwen3
+    changed = tmp_path / "changed"
+    shutil.copytree(model_dir, changed)
+    from safetensors.torch import load_file
+
+    w = load_file(str(changed / "model.safetensors"))
+    w["model.norm.weight"] = w["model.norm.weight"] * 1.01
+    save_file(w, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    line = one_line_error(run_cli("eval_fake", "--model_dir", changed, "--xy_path", cache_path, "--out_json",
+                                  tmp_path / "r.json", "--ranks", "8", "--qspecs", "nvfp4@16"))
+    assert "different model" in line and "save_xy" in line
