@@ -173,14 +173,20 @@ def test_building_leaves_the_global_rng_alone():
 
 
 def test_build_is_fast(tmp_path, demo_model_dir):
+    """Tokenizer training and a model build each take < 3 s of CPU time.
+
+    CPU time rather than wall time: other jobs sharing the machine stretch wall time
+    without saying anything about this code.
+    """
     from tokenwise_harness.demo_models import _trained_tokenizer_json
 
-    started = time.perf_counter()
+    started = time.process_time()
     _trained_tokenizer_json.__wrapped__(512)  # training from scratch, bypassing the cache
-    train_s = time.perf_counter() - started
-    started = time.perf_counter()
+    train_s = time.process_time() - started
+    started = time.process_time()
     make_demo_model("qwen2", tmp_path / "m", seed=3, num_layers=4)
-    assert train_s < 3 and time.perf_counter() - started < 3
+    build_s = time.process_time() - started
+    assert train_s < 3 and build_s < 3, (train_s, build_s)
 
 
 def test_sizes_are_configurable(tmp_path):

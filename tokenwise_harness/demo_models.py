@@ -33,6 +33,7 @@ each projection are recorded in config.json under `tokenwise_demo.outliers`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -266,41 +267,20 @@ def _plant_outliers(model, tokenizer, generator, k: int, scale: float) -> dict[s
             outliers[f"{prefix}.mlp.up_proj"] = mlp_in
             outliers[f"{prefix}.mlp.down_proj"] = down_in
     return outliers
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            if i % 2:
-                continue
-            prefix = f"model.layers.{i}"
-            attn_in = _pick(generator, cfg.hidden_size, k)
-            mlp_in = _pick(generator, cfg.hidden_size, k)
-            down_in = _pick(generator, cfg.intermediate_size, k)
-            v_rows = _pick(generator, cfg.num_key_value_heads * head_dim, k)
 
-            layer.input_layernorm.weight[attn_in] *= scale
-            layer.post_attention_layernorm.weight[mlp_in] *= scale
-            # The norm outliers above make the outputs of v/gate/up very uneven from channel to
-            # channel (each depends on its weights on the few large inputs). Scaling a row by
-            # `scale` relative to itself could then land below the big ordinary channels, so
-            # size each planted row to `scale` times the typical channel instead.
-            attn_w = layer.input_layernorm.weight
-            mlp_w = layer.post_attention_layernorm.weight
-            v = layer.self_attn.v_proj
-            v_size = (v.weight * attn_w).norm(dim=1)
-            _resize_rows(v, v_rows, scale * v_size.median() / v_size)
-            mlp = layer.mlp
-            act_size = (mlp.gate_proj.weight * mlp_w).norm(dim=1) * (mlp.up_proj.weight * mlp_w).norm(dim=1)
-            _resize_rows(mlp.up_proj, down_in, scale * act_size.median() / act_size)
 
-            # o_proj input channel (head h, dim d) reads kv head h // group at dim d.
-            o_in = sorted(h * head_dim + r % head_dim for r in v_rows
-                          for h in range(cfg.num_attention_heads) if h // group == r // head_dim)
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                outliers[f"{prefix}.self_attn.{proj}"] = attn_in
-            outliers[f"{prefix}.self_attn.o_proj"] = o_in
-            outliers[f"{prefix}.mlp.gate_proj"] = mlp_in
-            outliers[f"{prefix}.mlp.up_proj"] = mlp_in
-            outliers[f"{prefix}.mlp.down_proj"] = down_in
-    return outliers
+@contextlib.contextmanager
+def _single_thread():
+    """Run torch on one thread: the tensors here are tiny, and on a busy machine extra
+    intra-op threads only spin on each other (a 0.2 s build took 4 s with two threads)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def build_demo(
@@ -316,11 +296,18 @@ def build_demo(
     outlier_scale: float = 20.0,
 ):
     """(model, tokenizer) in memory, exactly what make_demo_model saves."""
+    _check_shape_args(family, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+                      outlier_channels, outlier_scale)
+    with _single_thread():
+        return _build(family, seed, num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
+                      vocab_size, outlier_channels, outlier_scale)
+
+
+def _build(family, seed, num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, vocab_size,
+           outlier_channels, outlier_scale):
     import torch
     from transformers import AutoModelForCausalLM
 
-    _check_shape_args(family, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
-                      outlier_channels, outlier_scale)
     tokenizer = make_demo_tokenizer(vocab_size)
     config = _config(family, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                      num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, tokenizer=tokenizer)
