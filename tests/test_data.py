@@ -179,15 +179,17 @@ def test_fingerprint_sees_tokens_shape_and_mask(default_batch):
         (dict(cn=1.5), "--cn"),
         (dict(cn_len=0), "--length"),
         (dict(eu_len=-5), "--length"),
-        (dict(cn=396), "--cn"),  # the embedded corpus has 395 Chinese sentences
+        (dict(cn="one more than the corpus has"), "--cn"),
         (dict(eu=10_000), "--eu"),
         (dict(cn_len=100_000), "--length"),
         (dict(eu_len=100_000), "--length"),
         (dict(seed="zero"), "--seed"),
     ],
 )
-def test_bad_values_name_the_flag(demo_tokenizer, kwargs, flag):
+def test_bad_values_name_the_flag(demo_tokenizer, corpus, kwargs, flag):
     args = dict(seed=0, cn=2, cn_len=16, eu=2, eu_len=16, device="cpu") | kwargs
+    if args["cn"] == "one more than the corpus has":
+        args["cn"] = len(corpus["zh"]) + 1
     with pytest.raises(HarnessError) as err:
         get_veri_data(demo_tokenizer, **args)
     message = str(err.value)
