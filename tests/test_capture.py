@@ -132,3 +132,28 @@ def test_bad_inputs_one_line_exit_2_nothing_written(demo_model_dir, tmp_path, ar
     line = one_line_error(proc)
     assert flag in line
     assert not (tmp_path / "out").exists() or files_under(tmp_path / "out") == []
+
+
+def test_compact_layout_stores_shared_inputs_once_and_scores_the_same(demo_model_dirs, qwen2_cache, tmp_path):
+    from tokenwise_harness.pipeline import EvalSpec, run_eval
+
+    model_dir = demo_model_dirs["qwen2"]
+    compact = save_xy(model_dir, tmp_path, "compact", save_dtype="fp32", compact=True, **SMALL, **QUIET)
+    full, small = XYCache(qwen2_cache), XYCache(compact)
+    with safe_open(str(compact), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.k_proj.X" not in keys and "model.layers.0.mlp.up_proj.X" not in keys
+    assert not any(k.endswith(".Y") for k in keys)
+    assert [e.target for e in small.entries] == [e.target for e in full.entries]
+    k = small.entry(small.targets[1])
+    assert k.target.proj == "k_proj" and k.x_key == "model.layers.0.self_attn.q_proj.X" and k.y_key is None
+    assert torch.equal(small.rows(k.x_key, 0, 50), full.rows("model.layers.0.self_attn.k_proj.X", 0, 50))
+    assert compact.stat().st_size < 0.4 * qwen2_cache.stat().st_size
+    kw = dict(model_dir=str(model_dir))
+    a = run_eval(EvalSpec.from_text("8", "nvfp4@16", xy_path=str(qwen2_cache), **kw), progress=False, log=print)
+    b = run_eval(EvalSpec.from_text("8", "nvfp4@16", xy_path=str(compact), **kw), progress=False, log=print)
+    for layer, blocks in a["by_layer"].items():
+        for block, body in blocks.items():
+            for proj, cfgs in body["by_proj"].items():
+                for key, m in cfgs.items():
+                    assert b["by_layer"][layer][block]["by_proj"][proj][key]["nmse"] == pytest.approx(m["nmse"], rel=1e-4)

@@ -5,6 +5,11 @@ Format (seed §1.4): `{label}.safetensors` with 2-D tensors `{module_path}.X` `[
 `format_version`, `model_fingerprint`, `data_fingerprint`, `n_tokens` and `checksums`
 (a JSON object: tensor name -> sha256 of its bytes).
 
+Compact layout (`save_xy --compact`): projections that read the same input (q/k/v,
+gate/up) store it once, under the first sibling's key, and metadata `x_aliases` maps the
+others' `.X` keys to it; Y is omitted (the engine recomputes it from X and the original
+weight in float32). Readers resolve the aliases, so the engine sees the same entries.
+
 The writer streams: every tensor's shape is known before the forward pass, so the header is
 written first and each batch's rows are written at their final offset as the hooks produce
 them. Peak memory is one batch of one module's activations, whatever the cache size. The
@@ -65,6 +70,7 @@ class StreamingSafetensorsWriter:
             self.slots[name] = _Slot(name, self.dtype, tuple(shape), offset)
             offset += shape[0] * shape[1] * _ITEMSIZE[self.dtype]
         self.data_bytes = offset
+        self.names = set(shapes)
         self.hashes = {name: hashlib.sha256() for name in shapes}
         placeholder = {name: "0" * 64 for name in shapes}
         self.header_len = len(self._header(placeholder))
@@ -195,19 +201,33 @@ class XYCache:
         """The seed's xy_meta: every metadata field except the bulky checksums."""
         return {k: v for k, v in sorted(self.metadata.items()) if k != "checksums"}
 
+    @cached_property
+    def x_aliases(self) -> dict[str, str]:
+        """Compact layout: `{module}.X` keys stored once under a sibling's key (q/k/v, gate/up)."""
+        try:
+            aliases = json.loads(self.metadata.get("x_aliases", "{}"))
+        except ValueError:
+            raise HarnessError(f"{self.flag} {self.path}: metadata x_aliases is not JSON; re-create the cache") from None
+        for alias, stored in aliases.items():
+            if stored not in self.shapes:
+                raise HarnessError(f"{self.flag} {self.path}: {alias} points at missing tensor {stored}; "
+                                   "re-create the cache")
+        return aliases
+
     def _index_entries(self) -> list[CacheEntry]:
         entries = []
-        for key, (_, shape) in self.shapes.items():
-            if not key.endswith(".X"):
-                continue
+        x_keys = {k: k for k in self.shapes if k.endswith(".X")}
+        x_keys.update(self.x_aliases)
+        for key, stored in x_keys.items():
             target = parse_target(key[:-2])
             if target is None:
                 continue
+            shape = self.shapes[stored][1]
             y_key = key[:-2] + ".Y"
             y_shape = self.shapes.get(y_key, (None, None))[1]
             if len(shape) != 2 or (y_shape is not None and len(y_shape) != 2):
                 raise HarnessError(f"{self.flag} {self.path}: {key} is not 2-D [N, dim]; re-create the cache")
-            entries.append(CacheEntry(target, key, y_key if y_shape else None, shape[1],
+            entries.append(CacheEntry(target, stored, y_key if y_shape else None, shape[1],
                                       y_shape[1] if y_shape else None))
         entries.sort(key=lambda e: e.target.sort_key())
         return entries

@@ -9,6 +9,7 @@ is one batch of one module's activations plus the model, never the whole cache.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def clear_leftovers(final: Path) -> list[Path]:
 
 def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch_dtype="auto",
             device_map=None, save_dtype="fp16", use_cache=False, batch_size=8, device=None,
-            corpus=None, data_fn=None, trust_remote_code=False, progress=True, log=print) -> Path:
+            corpus=None, data_fn=None, trust_remote_code=False, compact=False, progress=True, log=print) -> Path:
     """Capture the cache; return its path. All flags are validated before the model loads."""
     import torch
 
@@ -88,17 +89,16 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
         "data_fingerprint": data.data_fingerprint(batch), "n_tokens": str(n_tokens),
         "model_name": mdir.name, "torch_dtype": str(torch_dtype), "harness_version": __version__,
     }
-    shapes = {}
-    for target, mod in targets:
-        shapes[target.path + ".X"] = (n_tokens, mod.in_features)
-        shapes[target.path + ".Y"] = (n_tokens, mod.out_features)
+    shapes, aliases = _cache_layout(targets, n_tokens, compact)
+    if aliases:
+        meta["x_aliases"] = json.dumps(aliases, sort_keys=True)
     store_dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[save_dtype]
 
     started = time.perf_counter()
     with atomic_path(final, "--save_path") as tmp:
         sink = _make_sink(tmp, shapes, save_dtype, meta)
         try:
-            with _hooks(targets, sink, store_dtype):
+            with _hooks(targets, sink, store_dtype, aliases):
                 _run_batches(model, input_ids, mask, batch_size, in_device, use_cache, progress)
             sink.finish()
         except BaseException:
@@ -120,16 +120,49 @@ def _run_batches(model, input_ids, mask, batch_size, device, use_cache, progress
                   attention_mask=mask[s:s + batch_size].to(device), use_cache=use_cache)
 
 
+def _cache_layout(targets, n_tokens: int, compact: bool) -> tuple[dict, dict]:
+    """Tensor shapes to write, and (compact only) the `.X` keys stored under a sibling's key."""
+    shapes, aliases, first_of_group = {}, {}, {}
+    for target, mod in targets:
+        x_key = target.path + ".X"
+        leader = first_of_group.setdefault(target.input_group, x_key)
+        if compact and leader != x_key:
+            aliases[x_key] = leader
+        else:
+            shapes[x_key] = (n_tokens, mod.in_features)
+        if not compact:
+            shapes[target.path + ".Y"] = (n_tokens, mod.out_features)
+    return shapes, aliases
+
+
 @contextlib.contextmanager
-def _hooks(targets, sink, store_dtype):
-    """Forward hooks streaming each allowlisted module's X and Y into the sink."""
+def _hooks(targets, sink, store_dtype, aliases):
+    """Forward hooks streaming each allowlisted module's X and Y into the sink.
+
+    An aliased X (compact layout) is not written again; the hook checks that it really is
+    the very tensor its sibling read, so a model whose siblings read different inputs
+    cannot silently produce a wrong compact cache.
+    """
     import torch
+
+    seen_inputs: dict[str, tuple] = {}
 
     def make_hook(path):
         def hook(mod, inputs, output):
+            x_key = path + ".X"
+            stored = aliases.get(x_key)
+            identity = (inputs[0].data_ptr(), tuple(inputs[0].shape))
+            if stored is not None:
+                if seen_inputs.get(stored) != identity:
+                    raise HarnessError(f"{path} does not read the same input as {stored[:-2]}; "
+                                       "capture without --compact")
+            else:
+                seen_inputs[x_key] = identity
             x = inputs[0].reshape(-1, mod.in_features).to(store_dtype).cpu()
-            y = output.reshape(-1, mod.out_features).to(store_dtype).cpu()
-            for name, t in ((path + ".X", x), (path + ".Y", y)):
+            pairs = [] if stored is not None else [(x_key, x)]
+            if path + ".Y" in sink.names:
+                pairs.append((path + ".Y", output.reshape(-1, mod.out_features).to(store_dtype).cpu()))
+            for name, t in pairs:
                 if not torch.isfinite(t).all():
                     raise HarnessError(f"{name}: activations are NaN/Inf after casting to the save dtype; "
                                        "use --save_dtype fp32 or check the model weights")
@@ -150,6 +183,7 @@ class _PtSink:
     def __init__(self, path, shapes, meta):
         self.path, self.meta = path, meta
         self.parts = {name: [] for name in shapes}
+        self.names = set(shapes)
 
     def write_rows(self, name, rows):
         self.parts[name].append(rows.clone())

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=_positive_int, default=8, help="samples per forward (default 8)")
     p.add_argument("--corpus", nargs="+", default=None, help="your own corpus: .txt or .jsonl files")
     p.add_argument("--data_fn", default=None, help="your own get_veri_data as package.module:function")
+    p.add_argument("--compact", action="store_true",
+                   help="store shared inputs once (q/k/v, gate/up) and no Y (recomputed from X and W)")
     _add_model_load_flags(p)
 
     _add_eval_flags(sub.add_parser("eval_fake", help="score a rank x quant grid against the cache"), smooth=False)
@@ -119,7 +121,7 @@ def cmd_save_xy(a) -> int:
     save_xy(a.model_dir, a.save_path, a.label, seed=a.seed, cn=a.cn, eu=a.eu, length=a.length,
             torch_dtype=a.torch_dtype, device_map=a.device_map, save_dtype=a.save_dtype, use_cache=a.use_cache,
             batch_size=a.batch_size, device=a.device, corpus=corpus, data_fn=data_fn,
-            trust_remote_code=a.trust_remote_code, progress=sys.stderr.isatty())
+            trust_remote_code=a.trust_remote_code, compact=a.compact, progress=sys.stderr.isatty())
     return 0
 
 
