@@ -18,6 +18,7 @@ grid resident together while the X chunks stream past, so X is read once per wei
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -48,6 +49,7 @@ class EngineStats:
     seconds_decompose: float = 0.0
     seconds_quantize: float = 0.0
     seconds_error: float = 0.0
+    error_flops: int = 0
     per_weight: list = field(default_factory=list)
 
 
@@ -116,24 +118,89 @@ def check_ranks(grid: Iterable[SvdqConfig], target: Target, weight_shape) -> Non
             raise HarnessError(f"--ranks: rank {cfg.rank} exceeds min(out, in) = {limit} of {target.path}")
 
 
-def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, quantized: dict[str, "object"],
-                    chunk_tokens: int, device) -> dict[str, dict]:
-    """Metrics of every fake-quantized weight in `quantized` (cfg key -> W~) for one projection."""
+@dataclass
+class ConfigTerm:
+    """What one config contributes to the error of one projection.
+
+    dw: ΔW = W~ - W.  For W4A4 configs also act = (afmt, ablk) and qr = Q_w(R), the quantized
+    residual that multiplies the quantized activations: E gains (Q_a(X) - X)·Q_w(R)ᵀ.
+    """
+
+    dw: "object"
+    act: tuple | None = None
+    qr: "object | None" = None
+
+
+class ErrorMatmul:
+    """X·Mᵀ for the error terms, at the precision the metrics need.
+
+    On CUDA with a 16-bit cache, X is used in its storage dtype (exact: the cache holds
+    exactly those values) and M is scaled by a power of two into that dtype's range and
+    rounded once; products accumulate in float32 (out_dtype) and are scaled back exactly.
+    The only rounding is M's last bit (2^-11 relative for fp16), which perturbs the SSE by
+    a few 1e-5 relative on real weights: far below any difference a grid resolves, at the
+    tensor-core rate. On the CPU, or with an fp32 cache, everything stays float32.
+    """
+
+    def __init__(self, device, x_dtype):
+        import torch
+
+        self.low = x_dtype if (str(device).startswith("cuda") and x_dtype in (torch.float16, torch.bfloat16)) else None
+
+    def prepare(self, m):
+        """M (float32) -> (operand, scale back)."""
+        import torch
+
+        if self.low is None:
+            return m, 1.0
+        amax = float(m.abs().max())
+        if amax == 0.0 or not math.isfinite(amax):
+            return m.to(self.low), 1.0
+        shift = math.floor(math.log2(8192.0 / amax))  # largest |entry| lands in [2^12, 2^13)
+        return (m * 2.0**shift).to(self.low), 2.0**-shift
+
+    def __call__(self, x_operand, m_operand):
+        """X·Mᵀ in float32 from two prepared operands."""
+        import torch
+
+        (x, x_scale), (m, m_scale) = x_operand, m_operand
+        if self.low is None:
+            out = x @ m.T
+        else:
+            try:
+                out = torch.mm(x, m.T, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # a torch without mm's out_dtype
+                out = (x @ m.T).float()
+        scale = x_scale * m_scale
+        return out.mul_(scale) if scale != 1.0 else out
+
+
+def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms: dict[str, "ConfigTerm | object"],
+                    chunk_tokens: int, device, stats: "EngineStats | None" = None) -> dict[str, dict]:
+    """Metrics of every config in `terms` (cfg key -> ConfigTerm, or a bare W~) for one projection."""
     import torch
+
+    from tokenwise_harness import formats
 
     entry = cache.entry(target)
     w, b, s = triple.weight, triple.bias, triple.smooth
     if entry.in_dim != w.shape[1] or (entry.out_dim is not None and entry.out_dim != w.shape[0]):
         raise HarnessError(f"{cache.flag} {cache.path}: {target.path} X/Y dims ({entry.in_dim}, {entry.out_dim}) "
                            f"do not match the weight {tuple(w.shape)}; the cache is from another model")
-    deltas = {key: (wq.to(device=device, dtype=torch.float32) - w) for key, wq in quantized.items()}
-    accs = {key: TokenwiseAccumulator() for key in quantized}
+    terms = {k: t if isinstance(t, ConfigTerm) else ConfigTerm(t.to(device=device, dtype=torch.float32) - w)
+             for k, t in terms.items()}
+    mm = ErrorMatmul(device, cache.rows(entry.x_key, 0, min(1, cache.n_tokens)).dtype)
+    operands = {k: (mm.prepare(t.dw), mm.prepare(t.qr) if t.qr is not None else None) for k, t in terms.items()}
+    accs = {key: TokenwiseAccumulator() for key in terms}
     for start in range(0, cache.n_tokens, chunk_tokens):
         end = min(start + chunk_tokens, cache.n_tokens)
-        x = cache.rows(entry.x_key, start, end).to(device=device, dtype=torch.float32)
+        x_stored = cache.rows(entry.x_key, start, end).to(device=device)
+        x = x_stored.float()
         if s is not None:
             x = x / s
         _check_finite(x, cache, entry.x_key)
+        # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once.
+        x_op = (x_stored, 1.0) if (mm.low is not None and s is None) else mm.prepare(x)
         ref = torch.addmm(b, x, w.T) if b is not None else x @ w.T
         if entry.y_key is not None:
             y = cache.rows(entry.y_key, start, end).to(device=device, dtype=torch.float32)
@@ -142,11 +209,20 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, quanti
         else:
             y, resid = ref, None
         y_sq = (y * y).sum(dim=1)
-        for key, dw in deltas.items():
-            err = x @ dw.T
+        act_errors = {}
+        for key, term in terms.items():
+            err = mm(x_op, operands[key][0])
+            if term.act is not None:
+                if term.act not in act_errors:  # Q_a(X) - X, shared by configs with the same act spec
+                    q_x = formats.fake_quantize(x, term.act[0], term.act[1], name=entry.x_key)
+                    act_errors[term.act] = mm.prepare(q_x - x)
+                err += mm(act_errors[term.act], operands[key][1])
             if resid is not None:
                 err += resid
             accs[key].update(err, y_sq)
+        if stats is not None:
+            stats.error_flops += 2 * (end - start) * w.shape[0] * w.shape[1] * (
+                len(terms) + sum(t.act is not None for t in terms.values()))
     return {key: acc.result() for key, acc in accs.items()}
 
 
@@ -181,24 +257,42 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
         triple = source.get(target, device)
         check_ranks(grid, target, triple.weight.shape)
         _check_weight_finite(triple, target)
-        t0 = time.perf_counter()
+        t0 = _now(device)
         lowrank = svdq.LowRank(triple.weight, max_rank) if max_rank > 0 else None
-        t1 = time.perf_counter()
+        t1 = _now(device)
         stats.decompositions += lowrank is not None
         stats.seconds_decompose += t1 - t0
         metrics = {}
         for group in config_groups(grid, triple.weight.numel()):
-            t2 = time.perf_counter()
-            quantized = {cfg.key: quantize_fn(triple.weight, cfg, lowrank=lowrank, name=target.path)
-                         for cfg in group}
-            t3 = time.perf_counter()
-            metrics.update(evaluate_weight(cache, target, triple, quantized, chunk_tokens, device))
+            t2 = _now(device)
+            terms = {cfg.key: config_term(triple.weight, cfg, lowrank, quantize_fn, target.path) for cfg in group}
+            t3 = _now(device)
+            metrics.update(evaluate_weight(cache, target, triple, terms, chunk_tokens, device, stats))
             stats.seconds_quantize += t3 - t2
-            stats.seconds_error += time.perf_counter() - t3
+            stats.seconds_error += _now(device) - t3
         results[(target.layer, target.block, target.proj)] = {cfg.key: metrics[cfg.key] for cfg in grid}
         stats.weights += 1
     stats.configs = len(grid)
     return results
+
+
+def config_term(w, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str) -> ConfigTerm:
+    """ΔW of one config (and, for W4A4, Q_w(R): the residual branch the quantized X multiplies)."""
+    w_tilde = quantize_fn(w, cfg, lowrank=lowrank, name=name)
+    if cfg.afmt is None:
+        return ConfigTerm(w_tilde - w)
+    branch = lowrank.product(cfg.rank) if cfg.rank > 0 else None
+    residual_q = w_tilde if branch is None else w_tilde - branch
+    return ConfigTerm(w_tilde - w, act=(cfg.afmt, cfg.ablk), qr=residual_q)
+
+
+def _now(device) -> float:
+    """Wall clock after the device's queued work, so phase timings are honest on CUDA."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _check_weight_finite(triple: WeightTriple, target: Target) -> None:

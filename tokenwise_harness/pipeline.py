@@ -100,6 +100,9 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     grid = spec.grid()
     device = pick_device(spec.device)
     fake_op = resolve_callable(spec.quantizer, "--quantizer") if spec.quantizer else None
+    if fake_op is not None and spec.act_qspecs:
+        raise HarnessError("--act_qspecs cannot be combined with --quantizer: a model-level fake_op quantizes "
+                           "weights only, so the residual branch cannot be separated")
     mdir = ModelDir(spec.model_dir, spec.model_flag)
     cache = XYCache(spec.xy_path)
     check_cache_model(cache, mdir, spec.smooth)
