@@ -7,7 +7,10 @@ the target, never a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -15,6 +18,8 @@ from typing import Iterator
 from tokenwise_harness.errors import HarnessError
 
 TMP_PREFIX = ".tmp-"
+# Errors of the output side (a full disk, a read-only mount) become one-line HarnessErrors.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def check_writable_dir(directory: Path, flag: str, create: bool = True) -> Path:
@@ -27,9 +32,66 @@ def check_writable_dir(directory: Path, flag: str, create: bool = True) -> Path:
             raise HarnessError(f"{flag}: cannot create directory {directory}: {exc.strerror}") from None
     if not directory.is_dir():
         raise HarnessError(f"{flag}: directory {directory} does not exist; create it or pick another path")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise HarnessError(f"{flag}: directory {directory} is not writable; pick a writable path")
+    # os.access says yes to root almost everywhere (/sys, /proc, read-only mounts): only
+    # creating a file tells whether the output can be written.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "probe.", dir=directory)
+    except OSError as exc:
+        raise HarnessError(f"{flag}: directory {directory} is not writable ({exc.strerror}); "
+                           "pick a writable path") from None
+    os.close(fd)
+    os.unlink(probe)
     return directory
+
+
+def check_output_file(path: Path, flag: str) -> Path:
+    """Fail early (before any heavy work) when `path` cannot become an output file."""
+    path = Path(path)
+    check_writable_dir(path.parent, flag, create=True)
+    if path.is_dir():
+        raise HarnessError(f"{flag}: {path} is a directory; give a file path")
+    return path
+
+
+def tmp_prefix(final: Path) -> str:
+    """Temp names beside `final` carry the writer's pid, so cleanup spares a live writer's file."""
+    return f"{TMP_PREFIX}{Path(final).name}.{os.getpid()}."
+
+
+def clear_leftovers(final: Path) -> list[Path]:
+    """Remove the temp files (or dirs) an interrupted earlier run left beside `final`; return them.
+
+    A temp file whose pid is a process still running (a concurrent run writing the same
+    output) is left alone.
+    """
+    final = Path(final)
+    removed = []
+    for p in final.parent.glob(glob.escape(TMP_PREFIX + final.name) + ".*"):
+        pid = p.name[len(TMP_PREFIX + final.name) + 1:].split(".")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, run by someone else
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -40,15 +102,23 @@ def atomic_path(final: Path, flag: str = "output") -> Iterator[Path]:
     """
     final = Path(final)
     check_writable_dir(final.parent, flag, create=False)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), dir=final.parent)
+    except OSError as exc:
+        raise HarnessError(f"{flag}: cannot create a file in {final.parent} ({exc.strerror}); "
+                           "pick a writable path") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide the output from other users
         os.replace(tmp_path, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(exc, OSError) and (exc.errno in _OUTPUT_ERRNOS or exc.filename in (tmp, str(final))):
+            raise HarnessError(f"{flag}: cannot write {final} ({exc.strerror}); "
+                               "free some space or pick another path") from None
         raise
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenwise_harness import __version__
 from tokenwise_harness.allowlist import iter_allowed_linears
-from tokenwise_harness.atomic import TMP_PREFIX, atomic_path, check_writable_dir
+from tokenwise_harness.atomic import atomic_path, check_output_file, check_writable_dir, clear_leftovers
 from tokenwise_harness.cache import FORMAT_VERSION, StreamingSafetensorsWriter, have_safetensors
 from tokenwise_harness.checkpoint import ModelDir, load_model, load_tokenizer, resolve_torch_dtype
 from tokenwise_harness.errors import HarnessError
@@ -41,14 +41,6 @@ def cache_path(save_path: Path, label: str) -> Path:
     return Path(save_path) / (label + (".safetensors" if have_safetensors() else ".pt"))
 
 
-def clear_leftovers(final: Path) -> list[Path]:
-    """Remove temp files an interrupted earlier run left beside `final`; return them."""
-    leftovers = list(final.parent.glob(TMP_PREFIX + final.name + ".*"))
-    for p in leftovers:
-        p.unlink(missing_ok=True)
-    return leftovers
-
-
 def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch_dtype="auto",
             device_map=None, save_dtype="fp16", use_cache=False, batch_size=8, device=None,
             corpus=None, data_fn=None, trust_remote_code=False, compact=False, progress=True, log=print) -> Path:
@@ -65,7 +57,7 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     if batch_size <= 0:
         raise HarnessError(f"--batch_size {batch_size} must be positive")
     mdir = ModelDir(model_dir)
-    final = cache_path(check_writable_dir(Path(save_path), "--save_path"), label)
+    final = check_output_file(cache_path(check_writable_dir(Path(save_path), "--save_path"), label), "--label")
     if clear_leftovers(final):
         log(f"save_xy: removed temp files of an interrupted earlier run; starting clean")
 
