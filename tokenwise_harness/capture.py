@@ -73,6 +73,9 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     targets = list(iter_allowed_linears(model))
     if not targets:
         raise HarnessError(f"--model_dir {mdir.path}: no allowlisted linear (model.layers.N.self_attn|mlp.*_proj)")
+    for target, mod in targets:  # NaN weights would otherwise surface as "NaN activations"
+        if not torch.isfinite(mod.weight).all():
+            raise HarnessError(f"--model_dir {mdir.path}: {target.path}.weight holds NaN/Inf values; fix the checkpoint")
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     n_tokens = input_ids.numel()
     meta = {
