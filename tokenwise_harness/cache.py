@@ -124,6 +124,15 @@ def torch_uint8():
     return torch.uint8
 
 
+def _raw_bytes(t):
+    """A CPU tensor's bytes, as written (any dtype)."""
+    return t.contiguous().view(-1).view(torch_uint8()).numpy()
+
+
+# safetensors and torch spellings of the float dtypes a cache may hold.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "torch.float16", "torch.bfloat16", "torch.float32", "torch.float64"}
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -139,9 +148,13 @@ class CacheEntry:
 class XYCache:
     """A validated, lazily read X/Y cache (`.safetensors`, or the `.pt` fallback)."""
 
-    def __init__(self, path: str | Path, flag: str = "--xy_path"):
+    def __init__(self, path: str | Path, flag: str = "--xy_path", verify: bool = True):
         self.path = Path(path)
         self.flag = flag
+        # verify: check each tensor's sha256 as its rows stream past in order (see rows()).
+        self.verify = verify
+        self._streams: dict[str, tuple[int, object]] = {}  # key -> (next row, running sha256)
+        self._verified: set[str] = set()
         if not self.path.is_file():
             raise HarnessError(f"{flag} {self.path} does not exist; create it with `tokenwise-precision save_xy`")
         if self.path.suffix == ".pt":
@@ -152,6 +165,8 @@ class XYCache:
         if not self.entries:
             raise HarnessError(f"{flag} {self.path} holds no allowlisted `<module>.X` tensors; is it a save_xy cache?")
         self.n_tokens = self._check_rows()
+        self._check_dtypes()
+        self.checksums  # noqa: B018  (a malformed checksums field fails here, not mid-run)
 
     # -- header / metadata
     def _load_safetensors_header(self) -> None:
@@ -165,6 +180,8 @@ class XYCache:
                 if hlen > min(size - 8, 100 << 20):
                     raise ValueError("header length runs past the end of the file")
                 header = json.loads(fh.read(hlen))
+                if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+                    raise ValueError("the header is not a JSON object of tensors")
         except (OSError, ValueError) as exc:
             raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file ({exc}); "
                                "re-create it with `tokenwise-precision save_xy`") from None
@@ -248,32 +265,82 @@ class XYCache:
                 return e
         raise HarnessError(f"{self.flag} {self.path} has no key {target.path}.X")
 
+    def _check_dtypes(self) -> None:
+        for e in self.entries:
+            for key in (e.x_key, e.y_key):
+                if key and self.shapes[key][0] not in _FLOAT_DTYPES:
+                    raise HarnessError(f"{self.flag} {self.path}: {key} has dtype {self.shapes[key][0]}, not a "
+                                       "float type (fp16/bf16/fp32); re-create it with `tokenwise-precision save_xy`")
+
     # -- tensors
     @cached_property
     def _handle(self):
         from safetensors import safe_open
 
-        return safe_open(str(self.path), framework="pt")
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file ({exc}); "
+                               "re-create it with `tokenwise-precision save_xy`") from None
 
     def rows(self, key: str, start: int, end: int):
-        """Rows [start, end) of one cached tensor, as stored (CPU)."""
-        if self._pt is not None:
-            return self._pt[key][start:end]
-        return self._handle.get_slice(key)[start:end]
+        """Rows [start, end) of one cached tensor, as stored (CPU).
+
+        With `verify`, a tensor read front to back in consecutive slices (as the engine and
+        smoothing stream it) is hashed on the way, and its sha256 is checked against the
+        metadata when the last row goes by: a flipped bit fails the run before any report is
+        written, at the cost of one hash pass over bytes that are being read anyway.
+        """
+        t = self._pt[key][start:end] if self._pt is not None else self._handle.get_slice(key)[start:end]
+        if self.verify and key in self.checksums and key not in self._verified:
+            self._hash_rows(key, start, t)
+        return t
+
+    def _hash_rows(self, key: str, start: int, t) -> None:
+        running = hashlib.sha256() if start == 0 else self._streams.get(key, (None, None))[1]
+        if running is None or (start != 0 and self._streams[key][0] != start):
+            self._streams.pop(key, None)  # read out of order: this pass cannot be checked
+            return
+        running.update(_raw_bytes(t))
+        end = start + t.shape[0]
+        if end < self.shapes[key][1][0]:
+            self._streams[key] = (end, running)
+            return
+        self._streams.pop(key, None)
+        self._check_digest(key, running.hexdigest())
+
+    def _check_digest(self, key: str, got: str) -> None:
+        if got != self.checksums[key]:
+            raise HarnessError(f"{self.flag} {self.path}: tensor {key} fails its checksum (corrupted file); "
+                               "re-create it with `tokenwise-precision save_xy`")
+        self._verified.add(key)
+
+    @cached_property
+    def checksums(self) -> dict[str, str]:
+        """tensor name -> sha256 hex digest, from the metadata ({} when the cache has none)."""
+        text = self.metadata.get("checksums")
+        try:
+            sums = json.loads(text) if text else {}
+        except ValueError:
+            sums = None
+        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+            raise HarnessError(f"{self.flag} {self.path}: metadata 'checksums' is not a JSON object of sha256 "
+                               "digests; re-create it with `tokenwise-precision save_xy`")
+        return sums
+
+    def verify_tensor(self, key: str) -> None:
+        """Hash one whole tensor now against its checksum (no-op without one, or when verified)."""
+        if key not in self.checksums or key in self._verified:
+            return
+        t = self._handle.get_tensor(key) if self._pt is None else self._pt[key]
+        self._check_digest(key, hashlib.sha256(_raw_bytes(t)).hexdigest())
 
     def verify_checksums(self) -> None:
-        """Recompute every tensor's sha256 against the metadata (bit flips, partial copies)."""
-        expected = json.loads(self.metadata.get("checksums", "{}"))
-        if not expected:
-            return
-        for key, digest in expected.items():
+        """Recompute every tensor's sha256 against the metadata up front (bit flips, partial copies)."""
+        for key in self.checksums:
             if key not in self.shapes:
                 raise HarnessError(f"{self.flag} {self.path}: tensor {key} is missing; re-create the cache")
-            t = self._handle.get_tensor(key) if self._pt is None else self._pt[key]
-            got = hashlib.sha256(t.contiguous().view(-1).view(torch_uint8()).numpy()).hexdigest()
-            if got != digest:
-                raise HarnessError(f"{self.flag} {self.path}: tensor {key} fails its checksum (corrupted file); "
-                                   "re-create it with `tokenwise-precision save_xy`")
+            self.verify_tensor(key)
 
     def check_model(self, fingerprint: str, model_flag: str, refresh_hint: str) -> None:
         """Refuse a cache captured from another model (or a model whose weights changed since)."""

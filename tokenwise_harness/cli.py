@@ -44,7 +44,10 @@ def _add_eval_flags(p: argparse.ArgumentParser, smooth: bool) -> None:
     p.add_argument("--quantizer", default=None, help="your own model-level fake_op as package.module:function")
     p.add_argument("--act_qspecs", default=None,
                    help="W4A4: activation fmt@blk specs, e.g. nvfp4@16 (quantizes X on the residual branch)")
-    p.add_argument("--verify_cache", action="store_true", help="check every cached tensor's checksum first")
+    p.add_argument("--verify_cache", action="store_true",
+                   help="check every cached tensor's checksum up front (by default each is checked as it streams)")
+    p.add_argument("--no_verify_cache", action="store_true",
+                   help="skip the per-tensor checksum check done while the cache streams")
     _add_model_load_flags(p)
 
 
@@ -141,7 +144,7 @@ def cmd_eval(a, smooth: bool) -> int:
         a.ranks, a.qspecs, model_dir=a.smooth_model_dir if smooth else a.model_dir, xy_path=a.xy_path,
         grid_mode=a.grid_mode, chunk_tokens=a.chunk_tokens, smooth=smooth, quantizer=a.quantizer,
         no_restore=a.no_restore, torch_dtype=a.torch_dtype, device_map=a.device_map, device=a.device,
-        verify_cache=a.verify_cache, model_flag="--smooth_model_dir" if smooth else "--model_dir",
+        verify_cache=a.verify_cache, no_verify_cache=a.no_verify_cache, model_flag="--smooth_model_dir" if smooth else "--model_dir",
         act_qspecs=parse_qspecs(a.act_qspecs, "--act_qspecs") if a.act_qspecs else [])
     result = run_eval(spec, progress=sys.stderr.isatty())
     report.write_report(result, out, flag="--out_json")

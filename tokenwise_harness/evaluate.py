@@ -230,6 +230,7 @@ def _check_finite(t, cache: XYCache, key: str) -> None:
     import torch
 
     if not torch.isfinite(t).all():
+        cache.verify_tensor(key)  # a flipped bit can make a NaN: report corruption as corruption
         raise HarnessError(f"{cache.flag} {cache.path}: {key} holds NaN/Inf activations; "
                            "re-capture with --save_dtype fp32")
 

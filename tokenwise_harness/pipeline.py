@@ -66,7 +66,8 @@ class EvalSpec:
     device: str | None = None
     act_qspecs: list[QSpec] = field(default_factory=list)
     lowrank_iters: int = 1
-    verify_cache: bool = False
+    verify_cache: bool = False  # check every tensor's checksum up front
+    no_verify_cache: bool = False  # skip the checksum check done while each tensor streams
     model_flag: str = "--model_dir"
 
     @classmethod
@@ -104,7 +105,7 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
         raise HarnessError("--act_qspecs cannot be combined with --quantizer: a model-level fake_op quantizes "
                            "weights only, so the residual branch cannot be separated")
     mdir = ModelDir(spec.model_dir, spec.model_flag)
-    cache = XYCache(spec.xy_path)
+    cache = XYCache(spec.xy_path, verify=not spec.no_verify_cache)
     check_cache_model(cache, mdir, spec.smooth)
     if spec.verify_cache:
         cache.verify_checksums()

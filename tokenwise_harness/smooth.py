@@ -39,6 +39,7 @@ def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096):
     for start in range(0, cache.n_tokens, chunk_tokens):
         x = cache.rows(entry.x_key, start, min(start + chunk_tokens, cache.n_tokens)).float()
         if not torch.isfinite(x).all():
+            cache.verify_tensor(entry.x_key)  # a flipped bit can make a NaN: report corruption as such
             raise HarnessError(f"--xy_path {cache.path}: {entry.x_key} holds NaN/Inf activations")
         amax = torch.maximum(amax, x.abs().amax(dim=0))
     return amax
