@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from tokenwise_harness.allowlist import Target
+from tokenwise_harness.atomic import TMP_PREFIX, check_writable_dir
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.checkpoint import ModelDir, load_model
 from tokenwise_harness.errors import HarnessError
@@ -128,6 +129,16 @@ def smooth(model_dir, xy_path, out_dir, alpha: float = 0.5, chunk_tokens: int = 
     """The `smooth` subcommand."""
     if not (0.0 <= alpha <= 1.0):
         raise HarnessError(f"--alpha {alpha} must lie in [0, 1]")
+    if chunk_tokens <= 0:
+        raise HarnessError(f"--chunk_tokens {chunk_tokens} must be a positive token count")
+    out_dir = Path(out_dir)
+    check_writable_dir(out_dir.parent, "--out_dir")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise HarnessError(f"--out_dir {out_dir} exists and is not an empty directory; pick a new directory")
+    leftover = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
+    if leftover.exists():
+        shutil.rmtree(leftover, ignore_errors=True)
+        log("smooth: removed temp files of an interrupted earlier run; starting clean")
     mdir = ModelDir(model_dir)
     cache = XYCache(xy_path)
     hint = f"tokenwise-precision save_xy --model_dir {mdir.path} --save_path {cache.path.parent} --label {cache.path.stem}"
