@@ -14,7 +14,7 @@ from typing import Callable
 
 from tokenwise_harness import __version__
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.checkpoint import ModelDir, load_model
+from tokenwise_harness.checkpoint import ModelDir, load_model, resolve_torch_dtype
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.smooth import SMOOTH_META_FILE
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
@@ -99,6 +99,7 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     if spec.chunk_tokens <= 0:
         raise HarnessError(f"--chunk_tokens {spec.chunk_tokens} must be a positive token count")
     grid = spec.grid()
+    resolve_torch_dtype(spec.torch_dtype)
     device = pick_device(spec.device)
     fake_op = resolve_callable(spec.quantizer, "--quantizer") if spec.quantizer else None
     if fake_op is not None and spec.act_qspecs:
