@@ -15,6 +15,13 @@ from tokenwise_harness.errors import HarnessError
 PROG = "tokenwise-precision"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (naming the flag), like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         return int(text)
@@ -52,7 +59,7 @@ def _add_eval_flags(p: argparse.ArgumentParser, smooth: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Tokenwise precision of SVDQuant fake quantization.")
+    parser = _Parser(prog=PROG, description="Tokenwise precision of SVDQuant fake quantization.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
