@@ -141,12 +141,14 @@ def cmd_eval(a, smooth: bool) -> int:
     from pathlib import Path
 
     from tokenwise_harness import report
-    from tokenwise_harness.atomic import check_writable_dir
+    from tokenwise_harness.atomic import check_output_file, clear_leftovers
     from tokenwise_harness.grid import parse_qspecs
     from tokenwise_harness.pipeline import EvalSpec, run_eval
 
     out = Path(a.out_json)
-    check_writable_dir(out.parent, "--out_json")
+    check_output_file(out, "--out_json")
+    if clear_leftovers(out):
+        print(f"{a.command}: removed temp files of an interrupted earlier run; starting clean")
     spec = EvalSpec.from_text(
         a.ranks, a.qspecs, model_dir=a.smooth_model_dir if smooth else a.model_dir, xy_path=a.xy_path,
         grid_mode=a.grid_mode, chunk_tokens=a.chunk_tokens, smooth=smooth, quantizer=a.quantizer,
