@@ -35,6 +35,7 @@ class ModelDir:
             raise HarnessError(f"{flag} {self.path} has no config.json; it is not a Hugging Face model directory")
         if not self.weight_files:
             raise HarnessError(f"{flag} {self.path} has no weight files (*.safetensors or *.bin)")
+        self.safetensors_index  # noqa: B018  (a corrupt shard fails here in one line, naming the file)
 
     @cached_property
     def config(self) -> dict:
