@@ -86,7 +86,7 @@ def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
 
         meta_file = mdir.path / SMOOTH_META_FILE
         if meta_file.is_file():
-            fingerprint = json.loads(meta_file.read_text()).get("source_model_fingerprint", fingerprint)
+            fingerprint = _read_smooth_meta(mdir).get("source_model_fingerprint", fingerprint)
     hint = f"tokenwise-precision save_xy --model_dir <the model> --save_path {cache.path.parent} " \
            f"--label {cache.path.stem}"
     cache.check_model(fingerprint, "--smooth_model_dir" if smooth else "--model_dir", hint)
@@ -159,8 +159,23 @@ def _smooth_meta(mdir: ModelDir) -> dict | None:
     f = mdir.path / SMOOTH_META_FILE
     if not f.is_file():
         return None
-    data = json.loads(f.read_text())
+    data = _read_smooth_meta(mdir)
     return {k: v for k, v in data.items() if k in ("alpha", "formula", "alphas", "source_model_fingerprint")}
+
+
+def _read_smooth_meta(mdir: ModelDir) -> dict:
+    import json
+
+    path = mdir.path / SMOOTH_META_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{mdir.flag} {mdir.path}: {SMOOTH_META_FILE} is unreadable ({exc}); "
+                           "re-create the dir with `tokenwise-precision smooth`") from None
+    if not isinstance(data, dict):
+        raise HarnessError(f"{mdir.flag} {mdir.path}: {SMOOTH_META_FILE} is not a JSON object; "
+                           "re-create the dir with `tokenwise-precision smooth`")
+    return data
 
 
 def _load_for_eval(mdir: ModelDir, spec: EvalSpec):
