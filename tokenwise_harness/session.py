@@ -103,6 +103,9 @@ class HarnessSession:
         self.chunk_tokens = opt("--chunk-tokens")
         if self.chunk_tokens <= 0:
             raise HarnessError(f"--chunk-tokens {self.chunk_tokens} must be positive")
+        from tokenwise_harness.checkpoint import resolve_torch_dtype
+
+        resolve_torch_dtype(opt("--torch-dtype"), "--torch-dtype")
         self.variants = self._variants()
         self.xy_path = opt("--xy-path")
         self.device = self._device()
@@ -119,6 +122,10 @@ class HarnessSession:
 
             check_writable_dir(Path(self.report_path).resolve().parent, "--tokenwise-report", create=False)
         self.baselines_root = Path(opt("--baselines-dir") or self.rootdir / "baselines")
+        if self.update or self.update_new:  # fail now, not after every case has run
+            from tokenwise_harness.atomic import check_writable_dir
+
+            check_writable_dir(self.baselines_root, "--baselines-dir", create=True)
         self.cache = None
         self.cases: dict[str, object] = {}
         self.items: list[TokenwiseItem] = []
@@ -185,8 +192,13 @@ class HarnessSession:
             raise HarnessError("--smooth-model-dir without --xy-path needs --model-dir to capture a cache from")
         opt = self.config.getoption
         mdir = ModelDir(plain[0].model_dir, "--model-dir")
-        batch = data.get_veri_data(load_tokenizer(mdir), opt("--xy-seed"), opt("--xy-cn"), opt("--xy-length"),
-                                   opt("--xy-eu"), opt("--xy-length"), "cpu")
+        try:
+            batch = data.get_veri_data(load_tokenizer(mdir), opt("--xy-seed"), opt("--xy-cn"), opt("--xy-length"),
+                                       opt("--xy-eu"), opt("--xy-length"), "cpu")
+        except HarnessError as exc:  # data.py names the CLI flags; here they are --xy-cn, --xy-eu, --xy-length
+            import re
+
+            raise HarnessError(re.sub(r"--(cn|eu|length)\b", r"--xy-\1", str(exc))) from None
         label = f"{mdir.name}-{mdir.fingerprint[:12]}-{data.data_fingerprint(batch)[:12]}"
         cache_dir = Path(opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")
         path = cache_dir / f"{label}.safetensors"
