@@ -55,6 +55,9 @@ def _add_eval_flags(p: argparse.ArgumentParser, smooth: bool) -> None:
                    help="check every cached tensor's checksum up front (by default each is checked as it streams)")
     p.add_argument("--no_verify_cache", action="store_true",
                    help="skip the per-tensor checksum check done while the cache streams")
+    p.add_argument("--lowrank_iters", type=_positive_int, default=1,
+                   help="iterated low-rank branch: up to N decompositions, best on the cache kept "
+                        "(default 1 = one-shot SVD; keys gain ;iters=N when N > 1)")
     _add_model_load_flags(p)
 
 
@@ -88,8 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_dir", required=True)
     p.add_argument("--xy_path", required=True)
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--alpha", type=float, default=0.5, help="migration strength in [0, 1] (default 0.5)")
+    p.add_argument("--alpha", default="0.5",
+                   help="migration strength in [0, 1] (default 0.5), or 'search': searched per layer and input "
+                        "group on the cache (SVDQuant's recipe)")
     p.add_argument("--chunk_tokens", type=_positive_int, default=4096)
+    p.add_argument("--search_qspec", default="nvfp4@16",
+                   help="with --alpha search: the residual's fmt@blk the candidates are scored with (default nvfp4@16)")
+    p.add_argument("--search_rank", type=_positive_int, default=32,
+                   help="with --alpha search: the low-rank branch's rank in the scoring (default 32)")
+    p.add_argument("--device", default=None, help="with --alpha search: cpu, cuda or cuda:N (default: cuda when present)")
 
     p = sub.add_parser("analyze", help="Ranking-1 / Ranking-2 CSV + Markdown and a heatmap from a report")
     p.add_argument("--report", required=True)
@@ -154,6 +164,7 @@ def cmd_eval(a, smooth: bool) -> int:
         grid_mode=a.grid_mode, chunk_tokens=a.chunk_tokens, smooth=smooth, quantizer=a.quantizer,
         no_restore=a.no_restore, torch_dtype=a.torch_dtype, device_map=a.device_map, device=a.device,
         verify_cache=a.verify_cache, no_verify_cache=a.no_verify_cache, model_flag="--smooth_model_dir" if smooth else "--model_dir",
+        lowrank_iters=_lowrank_iters(a.lowrank_iters),
         act_qspecs=parse_qspecs(a.act_qspecs, "--act_qspecs") if a.act_qspecs else [])
     result = run_eval(spec, progress=sys.stderr.isatty())
     report.write_report(result, out, flag="--out_json")
@@ -161,10 +172,17 @@ def cmd_eval(a, smooth: bool) -> int:
     return 0
 
 
+def _lowrank_iters(n: int) -> int:
+    if n < 1:
+        raise HarnessError(f"--lowrank_iters {n} must be >= 1 (1 = one-shot SVD)")
+    return n
+
+
 def cmd_smooth(a) -> int:
     from tokenwise_harness.smooth import smooth
 
-    smooth(a.model_dir, a.xy_path, a.out_dir, alpha=a.alpha, chunk_tokens=a.chunk_tokens)
+    smooth(a.model_dir, a.xy_path, a.out_dir, alpha=a.alpha, chunk_tokens=a.chunk_tokens,
+           search_qspec=a.search_qspec, search_rank=a.search_rank, device=a.device)
     return 0
 
 

@@ -247,12 +247,14 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
     """{(layer, block, proj): {cfg key: metrics}} for every target (default: all of them)."""
     from tqdm import tqdm
 
-    from tokenwise_harness import svdq
+    from tokenwise_harness import calibrate, svdq
 
     quantize_fn = quantize_fn or svdq.fake_quantize_weight
     stats = stats if stats is not None else EngineStats()
     targets = targets if targets is not None else check_alignment(cache, source.targets(), "the model")
     max_rank = max((c.rank for c in grid), default=0)
+    # Iterated low-rank configs (iters > 1) score their iterates on the cached inputs: H = XᵀX.
+    grams = calibrate.GramCache(cache, chunk_tokens, device) if any(c.iters > 1 for c in grid) else None
     results = {}
     for target in tqdm(targets, desc="eval", unit="proj", disable=not progress):
         triple = source.get(target, device)
@@ -263,10 +265,14 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
         t1 = _now(device)
         stats.decompositions += lowrank is not None
         stats.seconds_decompose += t1 - t0
+        qfn = quantize_fn
+        if grams is not None:
+            qfn = calibrate.with_gram(quantize_fn, grams.get(target, triple.smooth))
+            stats.seconds_decompose += _now(device) - t1
         metrics = {}
         for group in config_groups(grid, triple.weight.numel()):
             t2 = _now(device)
-            terms = {cfg.key: config_term(triple.weight, cfg, lowrank, quantize_fn, target.path) for cfg in group}
+            terms = {cfg.key: config_term(triple.weight, cfg, lowrank, qfn, target.path) for cfg in group}
             t3 = _now(device)
             metrics.update(evaluate_weight(cache, target, triple, terms, chunk_tokens, device, stats))
             stats.seconds_quantize += t3 - t2

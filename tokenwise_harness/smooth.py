@@ -12,6 +12,13 @@ real arithmetic. A smoothed model dir stores W' in its shards plus each allowlis
 `smooth_factor` tensor s; `load_smoothed_model` registers s as a buffer and divides the
 linear's input by it in a forward pre-hook, so the loaded model computes the original
 function. eval_smooth divides the cached X by s and scores X' W~'ᵀ against Y (seed §3).
+
+`--alpha search` (SVDQuant's shipped recipe, calibrate.py) searches the exponents per layer and
+input group instead: s = max|X|^a / max|W|^b over a in 0.05..0.95, b in {1 - a, 0}, plus
+s = 1, keeping the candidate whose group output error on the cache -- with the low-rank
+branch and the quantized residual of `--search_rank` (32) / `--search_qspec` (nvfp4@16) in
+place -- is lowest. tokenwise_smooth.json then records `alpha: "search"` and, per group,
+`alphas[group] = {a, b, error, baseline_error (s = 1), fixed_error (a = b = 0.5), signal}`.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from tokenwise_harness.errors import HarnessError
 
 SMOOTH_META_FILE = "tokenwise_smooth.json"
 FORMULA = "s_j = max|X_j|^alpha / max|W_j|^(1-alpha); W' = W*s (input dim), X' = X/s"
+FORMULA_SEARCH = ("s_j = max|X_j|^a / max|W_j|^b, (a, b) per input group minimising the output error of "
+                  "{key} on the cache over a in 0.05..0.95, b in {{1-a, 0}}, and s = 1 (a = b = 0); "
+                  "W' = W*s (input dim), X' = X/s")
 CLAMP = (1e-5, 1e5)
 
 
@@ -46,13 +56,14 @@ def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096):
     return amax
 
 
-def smooth_factor(act_amax, weight_amax, alpha: float):
-    """The SmoothQuant factor from per-channel activation and weight maxima."""
+def smooth_factor(act_amax, weight_amax, alpha: float, beta: float | None = None):
+    """The SmoothQuant factor max|X|^alpha / max|W|^beta (beta defaults to 1 - alpha)."""
     import torch
 
+    beta = 1.0 - alpha if beta is None else beta
     a = act_amax.double().clamp_min(CLAMP[0])
     w = weight_amax.double().clamp_min(CLAMP[0])
-    return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp(*CLAMP).to(torch.float32)
+    return (a.pow(alpha) / w.pow(beta)).clamp(*CLAMP).to(torch.float32)
 
 
 def compute_factors(mdir: ModelDir, cache: XYCache, alpha: float, chunk_tokens: int = 4096) -> dict:
@@ -125,10 +136,32 @@ def _extend_index(directory: Path, new_keys: dict[str, str]) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def smooth(model_dir, xy_path, out_dir, alpha: float = 0.5, chunk_tokens: int = 4096, log=print) -> Path:
-    """The `smooth` subcommand."""
-    if not (0.0 <= alpha <= 1.0):
-        raise HarnessError(f"--alpha {alpha} must lie in [0, 1]")
+def parse_alpha(alpha) -> float | str:
+    """--alpha: a float in [0, 1], or 'search' (the exponent searched per layer and input group)."""
+    if isinstance(alpha, str) and alpha.strip().lower() == "search":
+        return "search"
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise HarnessError(f"--alpha {alpha!r} must be a number in [0, 1] or 'search'") from None
+    if not (0.0 <= value <= 1.0):
+        raise HarnessError(f"--alpha {alpha} must lie in [0, 1] (or be 'search')")
+    return value
+
+
+def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: int = 4096, log=print,
+           search_qspec: str | None = None, search_rank: int | None = None, device: str | None = None) -> Path:
+    """The `smooth` subcommand.
+
+    alpha = 'search' runs calibrate.search_factors: per layer and input group, the exponents
+    (a, b) of s = max|X|^a / max|W|^b with the lowest output error on the cache, scored with
+    the rank-`search_rank` branch and the `search_qspec` residual in place (defaults
+    calibrate.SEARCH_RANK = 32, calibrate.SEARCH_QSPEC = nvfp4@16); on `device` (default cuda
+    when present). The chosen exponents go to tokenwise_smooth.json under `alphas`.
+    """
+    from tokenwise_harness import calibrate
+
+    alpha = parse_alpha(alpha)
     if chunk_tokens <= 0:
         raise HarnessError(f"--chunk_tokens {chunk_tokens} must be a positive token count")
     out_dir = Path(out_dir)
@@ -143,9 +176,24 @@ def smooth(model_dir, xy_path, out_dir, alpha: float = 0.5, chunk_tokens: int = 
     cache = XYCache(xy_path)
     hint = f"tokenwise-precision save_xy --model_dir {mdir.path} --save_path {cache.path.parent} --label {cache.path.stem}"
     cache.check_model(mdir.fingerprint, "--model_dir", hint)
-    factors = compute_factors(mdir, cache, alpha, chunk_tokens)
     meta = {"alpha": alpha, "formula": FORMULA, "source_model_fingerprint": mdir.fingerprint,
             "xy_path": str(xy_path), "xy_data_fingerprint": cache.metadata.get("data_fingerprint", "")}
+    if alpha == "search":
+        from tokenwise_harness.grid import SvdqConfig, parse_qspec
+        from tokenwise_harness.pipeline import pick_device
+
+        qspec = parse_qspec(search_qspec or calibrate.SEARCH_QSPEC, "--search_qspec")
+        rank = calibrate.SEARCH_RANK if search_rank is None else int(search_rank)
+        if rank < 0:
+            raise HarnessError(f"--search_rank {rank} must be >= 0")
+        cfg = SvdqConfig(rank, qspec.fmt, qspec.blk)
+        factors, alphas = calibrate.search_factors(mdir, cache, cfg, chunk_tokens, pick_device(device),
+                                                   log=None)
+        meta.update(formula=FORMULA_SEARCH.format(key=cfg.key), alphas=alphas,
+                    search={"qspec": qspec.text, "rank": rank, "alpha_grid": list(calibrate.ALPHA_GRID),
+                            "objective": "sum over the group's projections of tr(dW' H_s dW'^T)"})
+    else:
+        factors = compute_factors(mdir, cache, alpha, chunk_tokens)
     out = write_smoothed_model(mdir, out_dir, factors, meta)
     log(f"smooth: {len(factors)} projections smoothed (alpha={alpha}) -> {out}")
     return out

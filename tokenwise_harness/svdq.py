@@ -109,6 +109,7 @@ def fake_quantize_weight(
     lowrank: LowRank | None = None,
     smooth: torch.Tensor | None = None,
     name: str = "weight",
+    gram: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W~ (float32) for one config: L1 L2 + Q(W - L1 L2), on W's device.
 
@@ -116,9 +117,18 @@ def fake_quantize_weight(
     `lowrank`, when given, must have been built from that same (smoothed) W with a max_rank
     of at least the config's rank: the engine builds one per weight and reuses it across
     the grid. A rank above min(out, in) means the full decomposition.
+
+    cfg.iters > 1 refines the branch iteratively (calibrate.iterated_lowrank: iterate 0 is
+    the one-shot W~, the iterate with the lowest output error on the cache is kept). It needs
+    `gram`, the input Gram matrix H = XᵀX [in, in] of the inputs this weight multiplies --
+    of X / s when `smooth` is given -- and is an error without it. One-shot configs ignore it.
     """
-    if cfg.iters != 1:
-        raise HarnessError(f"config {cfg.key}: iterated low-rank refinement (iters) is not supported")
+    if cfg.iters < 1:
+        raise HarnessError(f"config {cfg.key}: iters {cfg.iters} must be >= 1 (1 = one-shot SVD)")
+    if cfg.iters > 1 and gram is None:
+        raise HarnessError(f"config {cfg.key}: the iterated low-rank branch (iters={cfg.iters}) is scored on the "
+                           "cached inputs and needs their Gram matrix (gram=XᵀX); the model-level "
+                           "fake_op path cannot run it, use the per-weight engine")
     formats.check_finite(W, name)
     if cfg.fmt != "none":
         formats.check_qspec(cfg.fmt, cfg.blk)
@@ -133,6 +143,10 @@ def fake_quantize_weight(
             return Wf.clone()  # nothing to do to the weight (activation-only configs)
         return formats.fake_quantize(Wf, cfg.fmt, cfg.blk, name=name)
 
+    if cfg.iters > 1 and cfg.fmt != "none":
+        from tokenwise_harness.calibrate import iterated_lowrank
+
+        return iterated_lowrank(Wf, cfg, gram, lowrank=lowrank, name=name).weight
     if lowrank is None:
         lowrank = LowRank(Wf, rank)
     elif lowrank.shape != tuple(Wf.shape) or lowrank.max_rank < rank:
