@@ -177,6 +177,10 @@ def test_iterated_branch_never_worse_than_one_shot_float64(fmt, blk):
         n = min(res.iters_run, len(ref))
         assert res.errors[:n] == pytest.approx(ref[:n], rel=2e-3)  # the recipe, independently
     assert torch.equal(calibrate.iterated_lowrank(w, cfg1, gram).weight, one_shot)
+    from tokenwise_harness.formats import fake_quantize
+
+    res = calibrate.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=6), gram)
+    assert torch.equal(res.weight, res.branch + fake_quantize(w - res.branch, fmt, blk))  # W~ = L + Q(W − L)
     res = calibrate.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=6), gram)
     assert res.best_iter > 0 and min(res.errors) < 0.98 * e0  # it does refine on this layer
 
@@ -320,9 +324,9 @@ def test_eval_fake_lowrank_iters_cli(demo, tmp_path):
 
 def test_pytest_lowrank_iters_generates_iters_ids(demo, pytester):
     model_dir, cache_path = demo
-    args = ["--model-dir", str(model_dir), "--xy-path", str(cache_path), "--ranks", "8", "--qspecs", "nvfp4@16",
-            "--lowrank-iters", "3", "--device", "cpu", "--baselines-dir", str(pytester.path / "bl"),
-            "-p", "no:cacheprovider"]
+    args = [f"--model-dir={model_dir}", f"--xy-path={cache_path}", "--ranks=8", "--qspecs=nvfp4@16",
+            "--lowrank-iters=3", "--device=cpu", f"--baselines-dir={pytester.path / 'bl'}",
+            f"--rootdir={pytester.path}", "-p", "no:cacheprovider"]
     collected = pytester.runpytest_inprocess(*args, "--collect-only", "-q")
     ids = [line for line in collected.outlines if "layer" in line]
     assert len(ids) == 14 and all(line.endswith("rank8-nvfp4-blk16-iters3") for line in ids), ids

@@ -175,6 +175,7 @@ class IterResult:
     best_iter: int  # 0 = the one-shot branch
     errors: list[float] = field(default_factory=list)  # tr(ΔW_k H ΔW_kᵀ) of every iterate run
     seconds: float = 0.0
+    branch: torch.Tensor | None = None  # L of the best iterate (W~ − branch = its quantized residual)
 
     @property
     def iters_run(self) -> int:
@@ -206,7 +207,8 @@ def iterated_lowrank(W: torch.Tensor, cfg: SvdqConfig, gram: torch.Tensor, lowra
         from tokenwise_harness.svdq import fake_quantize_weight
 
         w1 = fake_quantize_weight(Wf, _one_shot(cfg), lowrank=lowrank, name=name)
-        return IterResult(w1, 0, [output_error(w1 - Wf, H)], time.perf_counter() - started)
+        branch = None if rank == 0 else (w1 if cfg.fmt == "none" else None)
+        return IterResult(w1, 0, [output_error(w1 - Wf, H)], time.perf_counter() - started, branch)
     formats.check_qspec(cfg.fmt, cfg.blk)
     if lowrank is None:
         lowrank = LowRank(Wf, rank)
@@ -214,7 +216,7 @@ def iterated_lowrank(W: torch.Tensor, cfg: SvdqConfig, gram: torch.Tensor, lowra
         raise ValueError(f"{name}: LowRank of shape {lowrank.shape} and max_rank {lowrank.max_rank} "
                          f"cannot serve rank {rank} of a {tuple(Wf.shape)} weight")
     branch = lowrank.product(rank).to(device=Wf.device, dtype=torch.float32)
-    best, best_err, best_iter, errors = None, None, 0, []
+    best, best_err, best_iter, best_branch, errors = None, None, 0, None, []
     for k in range(cfg.iters):
         if k > 0:
             branch = LowRank(Wf - q, rank).product(rank).to(device=Wf.device, dtype=torch.float32)
@@ -223,10 +225,10 @@ def iterated_lowrank(W: torch.Tensor, cfg: SvdqConfig, gram: torch.Tensor, lowra
         err = output_error(w_tilde - Wf, H)
         errors.append(err)
         if best is None or err < best_err * (1.0 - IMPROVE_RTOL):
-            best, best_err, best_iter = w_tilde, err, k
+            best, best_err, best_iter, best_branch = w_tilde, err, k, branch
         else:
             break  # no improvement for one step
-    return IterResult(best, best_iter, errors, time.perf_counter() - started)
+    return IterResult(best, best_iter, errors, time.perf_counter() - started, best_branch)
 
 
 def _one_shot(cfg: SvdqConfig) -> SvdqConfig:
