@@ -225,6 +225,8 @@ class XYCache:
             aliases = json.loads(self.metadata.get("x_aliases", "{}"))
         except ValueError:
             raise HarnessError(f"{self.flag} {self.path}: metadata x_aliases is not JSON; re-create the cache") from None
+        if not isinstance(aliases, dict):
+            raise HarnessError(f"{self.flag} {self.path}: metadata x_aliases is not a JSON object; re-create the cache")
         for alias, stored in aliases.items():
             if stored not in self.shapes:
                 raise HarnessError(f"{self.flag} {self.path}: {alias} points at missing tensor {stored}; "
