@@ -52,6 +52,12 @@ def pytest_configure(config):
         config.stash[_SESSION] = HarnessSession.start(config)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    s = _session(config)
+    return s.make_scheduler(log) if s is not None else None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
     s = _session(session.config)

@@ -23,8 +23,17 @@ import pytest
 
 from tokenwise_harness import __version__
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.report import METRIC_KEYS
 
 PROP = "tokenwise_case"
+# Options quoted in the "create it with `pytest ... --update-baselines`" hint when set (and
+# not at their default): everything that selects the cases, the cache or the baseline store.
+RERUN_OPTIONS = (
+    ("--model-dir", None), ("--smooth-model-dir", None), ("--xy-path", None), ("--ranks", None),
+    ("--qspecs", None), ("--grid-mode", None), ("--act-qspecs", None), ("--lowrank-iters", None),
+    ("--baselines-dir", None), ("--quantizer", None), ("--torch-dtype", "auto"),
+    ("--xy-cn", 50), ("--xy-eu", 80), ("--xy-length", 128), ("--xy-seed", 0), ("--tokenwise-cache-dir", None),
+)
 SUMMARY_ROWS = 10
 
 
@@ -79,10 +88,11 @@ class HarnessSession:
         return _usage(lambda: cls(config))
 
     def __init__(self, config):
-        from tokenwise_harness.grid import build_grid, parse_qspecs, parse_ranks
+        from tokenwise_harness.grid import GRID_MODES, build_grid, parse_qspecs, parse_ranks
         from tokenwise_harness.thresholds import load_thresholds
 
         self.config = config
+        _check_rootdir(config)
         opt = config.getoption
         self.is_worker = hasattr(config, "workerinput")
         self.rootdir = Path(config.rootpath)
@@ -93,6 +103,8 @@ class HarnessSession:
         self.thresholds = load_thresholds(Path(thresholds_path) if thresholds_path else None)
         grid_cfg = self.thresholds.grid or {}  # already parsed: ranks list[int], qspecs list[QSpec]
         self.grid_mode = opt("--grid-mode") or grid_cfg.get("grid_mode", "combined")
+        if self.grid_mode not in GRID_MODES:
+            raise HarnessError(f"--grid-mode {self.grid_mode!r} is unknown; use one of: {', '.join(GRID_MODES)}")
         self.ranks = parse_ranks(opt("--ranks"), "--ranks") if opt("--ranks") else grid_cfg.get("ranks", [16, 32])
         self.qspecs = (parse_qspecs(opt("--qspecs"), "--qspecs") if opt("--qspecs")
                        else grid_cfg.get("qspecs") or parse_qspecs("nvfp4@128"))
@@ -118,9 +130,12 @@ class HarnessSession:
         self.update_new = opt("--update-baselines-new")
         self.report_path = opt("--tokenwise-report")
         if self.report_path:
-            from tokenwise_harness.atomic import check_writable_dir
-
-            check_writable_dir(Path(self.report_path).resolve().parent, "--tokenwise-report", create=False)
+            # Relative to where pytest was invoked (as --junitxml); the directory is created
+            # at session end, so only check now that the nearest existing ancestor is writable.
+            self.report_path = Path(config.invocation_params.dir, self.report_path)
+            if self.report_path.is_dir():
+                raise HarnessError(f"--tokenwise-report {self.report_path} is a directory; give a file path")
+            _check_creatable(self.report_path.parent, "--tokenwise-report")
         self.baselines_root = Path(opt("--baselines-dir") or self.rootdir / "baselines")
         if self.update or self.update_new:  # fail now, not after every case has run
             from tokenwise_harness.atomic import check_writable_dir
@@ -183,8 +198,11 @@ class HarnessSession:
 
     def _captured_cache(self) -> Path:
         """The cache for --model-dir, keyed by model and data fingerprints; captured when missing."""
+        import glob
+        import re
+
         from tokenwise_harness import data
-        from tokenwise_harness.capture import save_xy
+        from tokenwise_harness.capture import cache_path, save_xy
         from tokenwise_harness.checkpoint import ModelDir, load_tokenizer
 
         plain = [v for v in self.variants if not v.smooth]
@@ -201,38 +219,66 @@ class HarnessSession:
             raise HarnessError(re.sub(r"--(cn|eu|length)\b", r"--xy-\1", str(exc))) from None
         label = f"{mdir.name}-{mdir.fingerprint[:12]}-{data.data_fingerprint(batch)[:12]}"
         cache_dir = Path(opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")
-        path = cache_dir / f"{label}.safetensors"
+        path = cache_path(cache_dir, label)
         if path.is_file() or self.is_worker:
             return path
-        for old in cache_dir.glob(f"{mdir.name}-*.safetensors"):
-            old.unlink()  # the model or the data changed: this cache is stale
-        save_xy(mdir.path, cache_dir, label, seed=opt("--xy-seed"), cn=opt("--xy-cn"), eu=opt("--xy-eu"),
-                length=opt("--xy-length"), torch_dtype=opt("--torch-dtype"), device=self.device,
-                progress=False, log=lambda msg: None)
-        return path
+        # The model or the data changed: this model's older caches are stale. Only names of
+        # exactly this shape: a model named "m-large" keeps its caches when "m" refreshes.
+        own = re.compile(rf"^{re.escape(mdir.name)}-[0-9a-f]{{12}}-[0-9a-f]{{12}}{re.escape(path.suffix)}$")
+        for old in cache_dir.glob(f"{glob.escape(mdir.name)}-*{path.suffix}"):
+            if own.match(old.name):
+                old.unlink()
+        return save_xy(mdir.path, cache_dir, label, seed=opt("--xy-seed"), cn=opt("--xy-cn"), eu=opt("--xy-eu"),
+                       length=opt("--xy-length"), torch_dtype=opt("--torch-dtype"), device=self.device,
+                       progress=False, log=lambda msg: None)
 
     # ------------------------------------------------------------ collection
     def collect(self, session, items: list) -> None:
-        from tokenwise_harness.cases import Case
-
         parent = TokenwiseCollector.from_parent(session, name="tokenwise", nodeid="tokenwise",
                                                 path=self.rootdir / "tokenwise")
         new = []
-        for variant in self.variants:
-            for target in self.cache.targets:
-                for cfg in self.grid:
-                    case = Case(target.layer, target.block, target.proj, cfg, variant.smooth)
-                    self.cases[case.case_id] = case
-                    item = TokenwiseItem.from_parent(parent, name=case.case_id, case=case, variant=variant,
-                                                     harness=self)
-                    item.add_marker(pytest.mark.tokenwise)
-                    item.add_marker(pytest.mark.xdist_group(name=f"{target.path}{'-smooth' if variant.smooth else ''}"))
-                    new.append(item)
+        for variant, case in self._generated():
+            item = TokenwiseItem.from_parent(parent, name=case.case_id, case=case, variant=variant, harness=self)
+            item.add_marker(pytest.mark.tokenwise)
+            item.add_marker(pytest.mark.xdist_group(name=f"{case.module_path}{'-smooth' if variant.smooth else ''}"))
+            new.append(item)
         self.items = new
         items.extend(new)
         # Report the generated items as a collection result, so counts and --co listings see them.
         config = session.config
         config.hook.pytest_collectreport(report=pytest.CollectReport(parent.nodeid, "passed", None, new))
+
+    def _generated(self) -> list[tuple]:
+        """(variant, Case) of every case this run generates, before any selection.
+
+        Derived from the cache and the grid alone, so the xdist controller (which collects
+        nothing) knows the same cases as its workers: stale baselines are judged against it.
+        """
+        from tokenwise_harness.cases import Case
+
+        out = []
+        for variant in self.variants:
+            for target in self.cache.targets:
+                for cfg in self.grid:
+                    case = Case(target.layer, target.block, target.proj, cfg, variant.smooth)
+                    self.cases[case.case_id] = case
+                    out.append((variant, case))
+        return out
+
+    # ------------------------------------------------------------ xdist
+    def make_scheduler(self, log):
+        """The xdist scheduler under -n: all configs of one weight go to one worker.
+
+        Used for `--dist loadgroup` and for plain `-n N` (whose implied `--dist load` would
+        spread a weight's configs over workers, each redoing its decomposition and X pass);
+        an explicit `--dist load|loadscope|...` is respected (None: xdist's own scheduler).
+        Groups come from our case ids, not from xdist's `@group` nodeid suffix, which
+        pytest 9's structured node ids silently drop (pytest-dev/pytest-xdist#1386).
+        """
+        dist = self.config.getvalue("dist")
+        if dist == "loadgroup" or (dist == "load" and not _dist_given(self.config)):
+            return _scheduler_class()(self.config, log)
+        return None
 
     # ------------------------------------------------------------ running
     def run_item(self, item: TokenwiseItem) -> None:
@@ -242,15 +288,18 @@ class HarnessSession:
         limits = {m: {"limit": lim.value, "rule": lim.rule} for m, lim in self.thresholds.limits_for(case).items()}
         store = self._store(item.variant)
         baseline = store.get(case.case_id)
-        if not (self.update or self.update_new):
+        # --update-baselines rewrites every baseline that runs: nothing to compare against.
+        # --update-baselines-new only creates missing ones: existing ones still gate the case.
+        if not self.update and not (self.update_new and baseline is None):
             failures += self._baseline_failures(store, case, metrics, item.variant)
         payload = {"case_id": case.case_id, "layer": case.layer, "block": case.block, "proj": case.proj,
                    "config": case.cfg.key, "smooth": case.smooth, "metrics": metrics, "limits": limits,
                    "baseline": baseline, "verdict": "failed" if failures else "passed",
                    "model_dir": item.variant.model_dir}
         item.user_properties.append((PROP, json.dumps(payload, sort_keys=True, allow_nan=True)))
-        for name in ("nmse", "sqnr_db", "token_rel_l2_max"):
-            item.user_properties.append((name, metrics[name]))
+        for name in METRIC_KEYS:  # one junitxml <property> per metric
+            if name in metrics:
+                item.user_properties.append((name, metrics[name]))
         if failures:
             raise CaseFailure("\n".join(failures))
 
@@ -258,16 +307,22 @@ class HarnessSession:
         return list(store.compare(case, metrics, self.thresholds, provenance=self.provenance(variant)))
 
     def _metrics(self, item: TokenwiseItem) -> dict:
+        # A HarnessError here (e.g. a rank above the weight's size) fails this case with its
+        # one-line message (TokenwiseItem.repr_failure); the session goes on.
         key = (item.variant, item.case.layer, item.case.block, item.case.proj)
-        if key not in self.computed:
-            _usage(lambda: self._compute_weight(item))
+        if item.case.cfg.key not in self.computed.get(key, {}):
+            self._compute_weight(item)
         return self.computed[key][item.case.cfg.key]
 
-    def _selected_cfgs(self, item: TokenwiseItem) -> list:
-        """The configs of this item's weight that survived -k selection (compute only those)."""
-        same = [it.case.cfg for it in item.session.items if isinstance(it, TokenwiseItem)
-                and it.variant == item.variant and (it.case.layer, it.case.block, it.case.proj)
-                == (item.case.layer, item.case.block, item.case.proj)]
+    def _selected_cfgs(self, item: TokenwiseItem, same_weight: bool = True) -> list:
+        """The configs that survived -k selection (compute only those): of this item's weight,
+        or (same_weight=False) of any weight of its variant."""
+        weight = (item.case.layer, item.case.block, item.case.proj)
+        same = []
+        for it in item.session.items:
+            if (isinstance(it, TokenwiseItem) and it.variant == item.variant and it.case.cfg not in same
+                    and (not same_weight or (it.case.layer, it.case.block, it.case.proj) == weight)):
+                same.append(it.case.cfg)
         return same or [item.case.cfg]
 
     def _compute_weight(self, item: TokenwiseItem) -> None:
@@ -280,6 +335,9 @@ class HarnessSession:
         cfgs = self._selected_cfgs(item)
         mdir = ModelDir(variant.model_dir, variant.flag)
         if self.quantizer:
+            # A model-level fake_op quantizes every weight per config: run each selected
+            # config of the variant once, for all weights, instead of once per weight.
+            cfgs = self._selected_cfgs(item, same_weight=False)
             model = self._user_model(variant, mdir)
             results = evaluate.evaluate_with_model_op(self.cache, model, self.fake_op, cfgs, self.chunk_tokens,
                                                       self.device, variant.smooth, progress=False)
@@ -365,16 +423,19 @@ class HarnessSession:
             variant = next(v for v in self.variants if v.model_dir == payload["model_dir"]
                            and v.smooth == payload["smooth"])
             by_variant.setdefault(variant, []).append(payload)
+        if not self.cases:
+            self._generated()  # the xdist controller collected nothing itself
         for variant, payloads in by_variant.items():
             store = self._store(variant)
-            self.stale += store.stale(set(self.cases), self._in_scope)
+            stale = store.stale(set(self.cases), self._in_scope)
+            self.stale += stale
             self.warnings += store.provenance_warnings([p["case_id"] for p in payloads], self.provenance(variant))
             if not (self.update or self.update_new):
                 continue
             for p in payloads:
                 store.record(p["case_id"], p["metrics"])
-            if self.update and self.stale:
-                store.delete(self.stale)
+            if self.update and stale:
+                store.delete(stale)
             self.update_summaries.append(store.flush(self.provenance(variant), new_only=self.update_new))
 
     def _in_scope(self, case_id: str) -> bool:
@@ -398,12 +459,14 @@ class HarnessSession:
             lambda name, **kw: any(name.lower() in n.lower() for n in names))
 
     def _rerun_args(self) -> list[str]:
-        """The harness options of this run, to quote in hints."""
+        """The options of this run that decide which baselines it reads, to quote in hints."""
+        import shlex
+
         args = []
-        for opt in ("--model-dir", "--smooth-model-dir", "--xy-path", "--ranks", "--qspecs", "--grid-mode"):
+        for opt, default in RERUN_OPTIONS:
             value = self.config.getoption(opt)
-            if value:
-                args.append(f"{opt} {value}")
+            if value is not None and value != default:
+                args.append(f"{opt} {shlex.quote(str(value))}")
         return args
 
     def _write_report(self) -> None:
@@ -457,6 +520,107 @@ class HarnessSession:
             tr.write_line(f"warning: {w}")
         if self.report_path:
             tr.write_line(f"report: {self.report_path}")
+
+
+# Harness options whose value is a path: `--model-dir /models/m` (with a space) misleads
+# pytest's rootdir choice, see _check_rootdir.
+PATH_OPTIONS = ("--model-dir", "--smooth-model-dir", "--xy-path", "--thresholds", "--baselines-dir",
+                "--tokenwise-report", "--tokenwise-cache-dir")
+
+
+def _check_rootdir(config) -> None:
+    """HarnessError when an option's value moved pytest's rootdir or ini file.
+
+    pytest chooses the rootdir and ini file before it loads plugins, so it does not know our
+    options yet and takes the value in `--model-dir /models/m` for a test path: the rootdir
+    becomes an ancestor of the model dir, and the project's ini file (testpaths, addopts) and
+    the default thresholds.yaml, baselines/ and .tokenwise_cache/ are looked for there.
+    Rather than gate against the wrong files, say so and how to write the option.
+    """
+    import inspect
+    import os
+    import shlex
+
+    args = shlex.split(os.environ.get("PYTEST_ADDOPTS", "")) + [str(a) for a in config.invocation_params.args]
+    taken = [(a, b) for a, b in zip(args, args[1:]) if a in PATH_OPTIONS and not b.startswith("-")
+             and Path(config.invocation_params.dir, b).exists()]
+    if not taken:
+        return
+    try:  # pytest's own choice, from the real test paths only (a private API: skip if it moved)
+        from _pytest.config.findpaths import determine_setup
+
+        kwargs = dict(inifile=config.option.inifilename, args=[str(a) for a in config.option.file_or_dir or ()],
+                      rootdir_cmd_arg=config.option.rootdir or None, invocation_dir=config.invocation_params.dir)
+        if "override_ini" in inspect.signature(determine_setup).parameters:
+            kwargs["override_ini"] = config.option.override_ini
+        rootpath, inipath = determine_setup(**kwargs)[:2]
+    except Exception:
+        return
+    if (Path(rootpath), inipath and Path(inipath)) == (Path(config.rootpath), config.inipath):
+        return
+    opt, value = taken[0]
+    ini = f"ini file {inipath}" if inipath else "no ini file"
+    raise HarnessError(f"pytest took the value of `{opt} {value}` for a test path when choosing its rootdir: "
+                       f"it got {config.rootpath} instead of {rootpath} ({ini}); write {opt}={value} "
+                       "(with '=': pytest learns plugin options too late), or give --rootdir")
+
+
+_DIST_FLAGS = ("--dist", "-d", "--distload")
+
+
+def _dist_given(config) -> bool:
+    """Whether the user chose an xdist mode (command line, PYTEST_ADDOPTS or ini addopts)."""
+    import os
+    import shlex
+
+    args = [str(a) for a in config.invocation_params.args]
+    args += shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    args += [str(a) for a in config.getini("addopts")]
+    return any(a in _DIST_FLAGS or a.startswith("--dist=") for a in args)
+
+
+def weight_group(nodeid: str) -> str | None:
+    """The weight a tokenwise item's nodeid scores (`tokenwise::<case id>[@group]`), else None."""
+    from tokenwise_harness.cases import parse_case_id
+
+    prefix = "tokenwise::"
+    if not nodeid.startswith(prefix):
+        return None
+    case = parse_case_id(nodeid[len(prefix):].split("@", 1)[0])
+    if case is None:
+        return None
+    return f"tokenwise:{case.module_path}{'-smooth' if case.smooth else ''}"
+
+
+_SCHEDULER = None
+
+
+def _scheduler_class():
+    """xdist's LoadGroupScheduling, grouping tokenwise items by weight (built on first use:
+    xdist is optional)."""
+    global _SCHEDULER
+    if _SCHEDULER is None:
+        from xdist.scheduler import LoadGroupScheduling
+
+        class TokenwiseScheduling(LoadGroupScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                group = weight_group(nodeid)
+                return group if group is not None else super()._split_scope(nodeid)
+
+        _SCHEDULER = TokenwiseScheduling
+    return _SCHEDULER
+
+
+def _check_creatable(directory: Path, flag: str) -> None:
+    """HarnessError unless `directory` exists writable, or could be created (without creating it)."""
+    from tokenwise_harness.atomic import check_writable_dir
+
+    parent = directory.resolve()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HarnessError(f"{flag}: {parent} is not a directory, so {directory} cannot be created")
+    check_writable_dir(parent, flag, create=False)
 
 
 def _num(value) -> float:
