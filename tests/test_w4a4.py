@@ -103,19 +103,28 @@ def test_smoothing_lowers_w4a4_error_on_outlier_channels(demo_model_dir, tmp_pat
 
 
 def test_memory_per_chunk_is_bounded(setup, monkeypatch):
-    """Every tensor the engine reads or builds per step is [chunk, dim]: reads never exceed a chunk."""
+    """Every host buffer and device tensor the engine streams is [chunk, dim], whatever N is."""
+    from tokenwise_harness import cache as cache_mod
+
     model_dir, cache_path = setup
-    biggest = []
-    real = XYCache.rows
+    rows, yielded = [], []
+    real_init, real_iter = cache_mod._ChunkStream.__init__, cache_mod._ChunkStream.__iter__
 
-    def spy(self, key, start, end):
-        biggest.append(end - start)
-        return real(self, key, start, end)
+    def spy_init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        rows.extend(b.shape[0] for slot in self.buffers for b in slot.values())
 
-    monkeypatch.setattr(XYCache, "rows", spy)
+    def spy_iter(self):
+        for start, end, tensors in real_iter(self):
+            yielded.extend(t.shape[0] for t in tensors if t is not None)
+            yield start, end, tensors
+
+    monkeypatch.setattr(cache_mod._ChunkStream, "__init__", spy_init)
+    monkeypatch.setattr(cache_mod._ChunkStream, "__iter__", spy_iter)
     run_eval(EvalSpec.from_text("8", "nvfp4@16", model_dir=str(model_dir), xy_path=str(cache_path), chunk_tokens=40,
                                 act_qspecs=parse_qspecs("nvfp4@16")), **QUIET)
-    assert max(biggest) == 40 and len(biggest) > 100
+    assert set(rows) == {40} and max(yielded) == 40 and len(yielded) > 100
+    assert XYCache(cache_path).n_tokens == 192  # so 40 is a real bound, with a ragged last chunk
 
 
 def test_cli_w4a4_and_quantizer_conflict(setup, tmp_path):

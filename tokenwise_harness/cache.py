@@ -187,10 +187,12 @@ class XYCache:
                                "re-create it with `tokenwise-precision save_xy`") from None
         self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
         self.shapes = {}
+        self.offsets: dict[str, int] = {}  # tensor name -> absolute file offset of its first byte
         end = 0
         for key, info in header.items():
             try:
                 self.shapes[key] = (info["dtype"], tuple(info["shape"]))
+                self.offsets[key] = 8 + hlen + int(info["data_offsets"][0])
                 end = max(end, info["data_offsets"][1])
             except (KeyError, TypeError, IndexError):
                 raise HarnessError(f"{self.flag} {self.path}: tensor {key!r} has a malformed header entry") from None
@@ -298,6 +300,29 @@ class XYCache:
             self._hash_rows(key, start, t)
         return t
 
+    def torch_dtype(self, key: str):
+        """The stored dtype of one tensor, as a torch dtype."""
+        import torch
+
+        stored = self.shapes[key][0]
+        return getattr(torch, _TORCH_DTYPES.get(stored, stored.replace("torch.", "")))
+
+    def stream(self, keys: list[str | None], chunk_tokens: int, device):
+        """Yield (start, end, [rows of each key on `device`]) over every token, chunk by chunk.
+
+        The fast path for the engine: each chunk is read with plain positioned reads into a
+        reusable buffer (pinned on CUDA, copied to the device asynchronously) by background
+        threads, one per key, while the caller computes on the previous chunk; with `verify`
+        the same threads hash the bytes in order. Host memory stays at two chunks per key,
+        and no file pages are mapped into the process. A None key yields None.
+        """
+        if self._pt is not None or not all(k is None or k in self.offsets for k in keys):
+            for start in range(0, self.n_tokens, chunk_tokens):
+                end = min(start + chunk_tokens, self.n_tokens)
+                yield start, end, [None if k is None else self.rows(k, start, end).to(device) for k in keys]
+            return
+        yield from _ChunkStream(self, [k for k in keys], chunk_tokens, device)
+
     def _hash_rows(self, key: str, start: int, t) -> None:
         running = hashlib.sha256() if start == 0 else self._streams.get(key, (None, None))[1]
         if running is None or (start != 0 and self._streams[key][0] != start):
@@ -350,3 +375,85 @@ class XYCache:
         if stored and stored != fingerprint:
             raise HarnessError(f"{self.flag} {self.path} was captured from a different model than {model_flag} "
                                f"(fingerprint {stored[:12]} != {fingerprint[:12]}); refresh it: {refresh_hint}")
+
+
+_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+class _ChunkStream:
+    """Double-buffered, prefetching reader behind XYCache.stream (see there)."""
+
+    def __init__(self, cache: XYCache, keys: list[str | None], chunk_tokens: int, device):
+        import torch
+
+        self.cache, self.keys, self.chunk, self.device = cache, keys, chunk_tokens, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        live = [k for k in keys if k is not None]
+        self.buffers = [{k: torch.empty((chunk_tokens, cache.shapes[k][1][1]),
+                                        dtype=getattr(torch, _TORCH_DTYPES[cache.shapes[k][0]]),
+                                        pin_memory=self.cuda) for k in live} for _ in range(2)]
+        self.events = [None, None]
+        self.hashers = {k: hashlib.sha256() for k in live
+                        if cache.verify and k in cache.checksums and k not in cache._verified}
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        starts = list(range(0, self.cache.n_tokens, self.chunk))
+        fd = os.open(self.cache.path, os.O_RDONLY)
+        live = [k for k in self.keys if k is not None]
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
+                pending = self._submit(pool, fd, starts, 0)
+                for i, start in enumerate(starts):
+                    for f in pending:
+                        f.result()
+                    pending = self._submit(pool, fd, starts, i + 1) if i + 1 < len(starts) else []
+                    yield start, min(start + self.chunk, self.cache.n_tokens), self._to_device(i, start)
+        finally:
+            os.close(fd)
+        for key, h in self.hashers.items():
+            self.cache._check_digest(key, h.hexdigest())
+
+    def _submit(self, pool, fd, starts, i):
+        start = starts[i]
+        n = min(self.chunk, self.cache.n_tokens - start)
+        slot = i % 2
+        event = self.events[slot]
+        return [pool.submit(self._read, fd, key, start, n, slot, event) for key in self.buffers[slot]]
+
+    def _read(self, fd, key, start, n, slot, event):
+        """Read rows [start, start+n) of `key` into its buffer in `slot` (after that slot's last copy)."""
+        if event is not None:
+            event.synchronize()
+        buf = self.buffers[slot][key][:n]
+        view = memoryview(buf.view(-1).view(torch_uint8()).numpy())
+        row_bytes = buf.shape[1] * buf.element_size()
+        offset, done = self.cache.offsets[key] + start * row_bytes, 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise HarnessError(f"{self.cache.flag} {self.cache.path}: unexpected end of file reading {key}; "
+                                   "re-create it with `tokenwise-precision save_xy`")
+            done += got
+        if key in self.hashers:
+            self.hashers[key].update(view)
+
+    def _to_device(self, i, start):
+        import torch
+
+        n = min(self.chunk, self.cache.n_tokens - start)
+        slot = i % 2
+        out = []
+        for key in self.keys:
+            if key is None:
+                out.append(None)
+            elif self.cuda:
+                out.append(self.buffers[slot][key][:n].to(self.device, non_blocking=True))
+            else:
+                out.append(self.buffers[slot][key][:n].clone())
+        if self.cuda:
+            self.events[slot] = torch.cuda.Event()
+            self.events[slot].record()
+        return out
+

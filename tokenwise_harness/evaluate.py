@@ -189,12 +189,10 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms:
                            f"do not match the weight {tuple(w.shape)}; the cache is from another model")
     terms = {k: t if isinstance(t, ConfigTerm) else ConfigTerm(t.to(device=device, dtype=torch.float32) - w)
              for k, t in terms.items()}
-    mm = ErrorMatmul(device, cache.rows(entry.x_key, 0, min(1, cache.n_tokens)).dtype)
+    mm = ErrorMatmul(device, cache.torch_dtype(entry.x_key))
     operands = {k: (mm.prepare(t.dw), mm.prepare(t.qr) if t.qr is not None else None) for k, t in terms.items()}
     accs = {key: TokenwiseAccumulator() for key in terms}
-    for start in range(0, cache.n_tokens, chunk_tokens):
-        end = min(start + chunk_tokens, cache.n_tokens)
-        x_stored = cache.rows(entry.x_key, start, end).to(device=device)
+    for start, end, (x_stored, y_stored) in cache.stream([entry.x_key, entry.y_key], chunk_tokens, device):
         x = x_stored.float()
         if s is not None:
             x = x / s
@@ -202,8 +200,8 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms:
         # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once.
         x_op = (x_stored, 1.0) if (mm.low is not None and s is None) else mm.prepare(x)
         ref = torch.addmm(b, x, w.T) if b is not None else x @ w.T
-        if entry.y_key is not None:
-            y = cache.rows(entry.y_key, start, end).to(device=device, dtype=torch.float32)
+        if y_stored is not None:
+            y = y_stored.float()
             _check_finite(y, cache, entry.y_key)
             resid = ref - y
         else:
