@@ -270,13 +270,15 @@ def _plant_outliers(model, tokenizer, generator, k: int, scale: float) -> dict[s
 
 
 @contextlib.contextmanager
-def _single_thread():
-    """Run torch on one thread: the tensors here are tiny, and on a busy machine extra
-    intra-op threads only spin on each other (a 0.2 s build took 4 s with two threads)."""
+def _single_thread(enabled: bool = True):
+    """Run torch on one thread: the tensors of a demo-size model are tiny, and on a busy
+    machine extra intra-op threads only spin on each other (a 0.2 s build took 4 s with two
+    threads). Benchmark-size models (hidden > 1024) keep every thread."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if enabled:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -298,7 +300,7 @@ def build_demo(
     """(model, tokenizer) in memory, exactly what make_demo_model saves."""
     _check_shape_args(family, vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
                       outlier_channels, outlier_scale)
-    with _single_thread():
+    with _single_thread(enabled=hidden_size <= 1024):
         return _build(family, seed, num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
                       vocab_size, outlier_channels, outlier_scale)
 
