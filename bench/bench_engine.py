@@ -124,8 +124,8 @@ def test_save_xy(benchmark, model_dir, workdir, layout):
     SUMMARY[f"save_xy_{layout}"] = info
 
 
-def _engine(model_dir, cache_path, grid):
-    cache = XYCache(cache_path)
+def _engine(model_dir, cache_path, grid, verify=True):
+    cache = XYCache(cache_path, verify=verify)
     stats = evaluate.EngineStats()
     source = evaluate.CheckpointWeights(ModelDir(model_dir), False)
     _sync()
@@ -148,6 +148,43 @@ def test_engine(benchmark, model_dir, workdir, layout):
     benchmark.extra_info.update(info)
     SUMMARY[f"engine_{layout}"] = info
     _STATE[f"results_{layout}"] = results
+
+
+def test_engine_unverified(benchmark, model_dir, workdir):
+    """The seed layout again with per-tensor sha256 verification off (--no_verify_cache)."""
+    path = _capture(model_dir, workdir, False)
+    results, stats, seconds = benchmark.pedantic(lambda: _engine(model_dir, path, GRID, verify=False),
+                                                 rounds=1, iterations=1)
+    info = {"seconds": round(seconds, 2), "seconds_per_config": round(seconds / len(GRID), 3),
+            "error_phase_s": round(stats.seconds_error, 3), "svd_s": round(stats.seconds_decompose, 2)}
+    benchmark.extra_info.update(info)
+    SUMMARY["engine_seed_unverified"] = info
+
+
+def test_io_floor(benchmark, model_dir, workdir):
+    """What the machine allows for the cache: one sequential read of the file, and sha256 speed."""
+    import hashlib
+
+    path = _capture(model_dir, workdir, False)
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+
+    def read_all():
+        t, total = time.perf_counter(), 0
+        with open(path, "rb", buffering=0) as fh:
+            while (n := fh.readinto(view)) > 0:
+                total += n
+        return total, time.perf_counter() - t
+
+    total, seconds = benchmark.pedantic(read_all, rounds=1, iterations=1)
+    t = time.perf_counter()
+    for _ in range(8):
+        hashlib.sha256(view).digest()
+    sha_s = time.perf_counter() - t
+    info = {"file_read_GBs": round(total / seconds / 1e9, 2), "sha256_GBs_one_thread": round(8 * len(buf) / sha_s / 1e9, 2),
+            "cache_bytes": total}
+    benchmark.extra_info.update(info)
+    SUMMARY["io_floor"] = info
 
 
 def test_engine_w4a4(benchmark, model_dir, workdir):
