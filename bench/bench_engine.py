@@ -130,8 +130,10 @@ def _engine(model_dir, cache_path, grid, verify=True):
     source = evaluate.CheckpointWeights(ModelDir(model_dir), False)
     _sync()
     t = time.perf_counter()
+    cache.verify_in_background()  # as eval_fake does: checksums hashed beside the engine
     results = evaluate.evaluate_grid(cache, source, grid, CHUNK, DEVICE, progress=False, stats=stats)
     _sync()
+    cache.wait_verified()
     return results, stats, time.perf_counter() - t
 
 

@@ -33,7 +33,7 @@ from tokenwise_harness.errors import HarnessError
 FORMAT_VERSION = "1"
 REQUIRED_META = ("seed", "cn", "eu", "length", "save_dtype")
 _ST_DTYPES = {"fp16": "F16", "fp32": "F32", "bf16": "BF16"}
-_ITEMSIZE = {"F16": 2, "F32": 4, "BF16": 2}
+_ITEMSIZE = {"F16": 2, "F32": 4, "BF16": 2, "F64": 8}
 
 
 def have_safetensors() -> bool:
@@ -296,9 +296,65 @@ class XYCache:
         written, at the cost of one hash pass over bytes that are being read anyway.
         """
         t = self._pt[key][start:end] if self._pt is not None else self._handle.get_slice(key)[start:end]
-        if self.verify and key in self.checksums and key not in self._verified:
+        if self.verify and key in self.checksums and key not in self._verified and not self._hashed_elsewhere(key):
             self._hash_rows(key, start, t)
         return t
+
+    def verify_in_background(self, workers: int | None = None) -> None:
+        """Hash every checksummed tensor on a thread pool while the engine runs; wait_verified() joins.
+
+        sha256 runs near 1 GB/s per core, slower than the engine consumes a cache on a GPU;
+        hashing tensors in parallel, beside the engine instead of inside its read loop, takes
+        it off the critical path. Nothing may be written before wait_verified() returns.
+        """
+        if not self.verify or self._pt is not None:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        keys = [k for k in self.checksums if k in self.offsets and k not in self._verified]
+        if not keys:
+            return
+        self._bg_pool = ThreadPoolExecutor(max_workers=workers or max(1, min(8, (os.cpu_count() or 2) - 1)))
+        self._background = {k: self._bg_pool.submit(self._file_digest, k) for k in keys}
+
+    def wait_verified(self) -> None:
+        """Join the background verification; a mismatch is a HarnessError naming the tensor."""
+        background = getattr(self, "_background", {})
+        try:
+            for key, future in background.items():
+                self._check_digest(key, future.result())
+        finally:
+            if background:
+                self._bg_pool.shutdown(cancel_futures=True)
+                self._background = {}
+
+    def stop_background(self) -> None:
+        """Abandon the background verification (the run failed for another reason)."""
+        if getattr(self, "_background", None):
+            self._bg_pool.shutdown(wait=True, cancel_futures=True)
+            self._background = {}
+
+    def _file_digest(self, key: str) -> str:
+        """sha256 of one tensor's bytes, read straight from the file in 16 MiB blocks."""
+        dtype, shape = self.shapes[key]
+        nbytes = _ITEMSIZE.get(dtype, 4) * shape[0] * shape[1]
+        h, buf = hashlib.sha256(), bytearray(16 << 20)
+        view = memoryview(buf)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[:min(len(buf), nbytes - done)]], self.offsets[key] + done)
+                if got <= 0:
+                    return ""
+                h.update(view[:got])
+                done += got
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    def _hashed_elsewhere(self, key: str) -> bool:
+        return key in getattr(self, "_background", {})
 
     def torch_dtype(self, key: str):
         """The stored dtype of one tensor, as a torch dtype."""
@@ -393,8 +449,8 @@ class _ChunkStream:
                                         dtype=getattr(torch, _TORCH_DTYPES[cache.shapes[k][0]]),
                                         pin_memory=self.cuda) for k in live} for _ in range(2)]
         self.events = [None, None]
-        self.hashers = {k: hashlib.sha256() for k in live
-                        if cache.verify and k in cache.checksums and k not in cache._verified}
+        self.hashers = {k: hashlib.sha256() for k in live if cache.verify and k in cache.checksums
+                        and k not in cache._verified and not cache._hashed_elsewhere(k)}
 
     def __iter__(self):
         from concurrent.futures import ThreadPoolExecutor

@@ -110,24 +110,15 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     check_cache_model(cache, mdir, spec.smooth)
     if spec.verify_cache:
         cache.verify_checksums()
-    started = time.perf_counter()
-    stats = evaluate.EngineStats()
-    if fake_op is not None:
-        model = _load_for_eval(mdir, spec)
-        results = evaluate.evaluate_with_model_op(cache, model, fake_op, grid, spec.chunk_tokens, device,
-                                                  spec.smooth, spec.no_restore, progress)
-        engine = "model-level fake_op"
-    elif mdir.safetensors_index is not None and mdir.targets():
-        source = evaluate.CheckpointWeights(mdir, spec.smooth)
-        results = evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device,
-                                         progress=progress, stats=stats)
-        engine = "per-weight (checkpoint shards)"
     else:
-        model = _load_for_eval(mdir, spec)
-        source = evaluate.ModuleWeights(model, spec.smooth)
-        results = evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device,
-                                         progress=progress, stats=stats)
-        engine = "per-weight (loaded model)"
+        cache.verify_in_background()  # joined below, before anything is written
+    started = time.perf_counter()
+    try:
+        results, engine = _score(spec, mdir, cache, grid, device, fake_op, progress)
+    except BaseException:
+        cache.stop_background()
+        raise
+    cache.wait_verified()
     meta = {
         "xy_path": str(spec.xy_path),
         "xy_meta": cache.meta,
@@ -151,6 +142,21 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     log(f"eval: {len(results)} projections x {len(grid)} configs in {time.perf_counter() - started:.1f} s "
         f"({engine})")
     return report.build_report(meta, results)
+
+
+def _score(spec: EvalSpec, mdir: ModelDir, cache: XYCache, grid, device, fake_op, progress):
+    """Run the right engine path; return (results, a name for it)."""
+    from tokenwise_harness import evaluate
+
+    if fake_op is not None:
+        model = _load_for_eval(mdir, spec)
+        return evaluate.evaluate_with_model_op(cache, model, fake_op, grid, spec.chunk_tokens, device, spec.smooth,
+                                               spec.no_restore, progress), "model-level fake_op"
+    if mdir.safetensors_index is not None and mdir.targets():
+        source, engine = evaluate.CheckpointWeights(mdir, spec.smooth), "per-weight (checkpoint shards)"
+    else:
+        source, engine = evaluate.ModuleWeights(_load_for_eval(mdir, spec), spec.smooth), "per-weight (loaded model)"
+    return evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device, progress=progress), engine
 
 
 def _smooth_meta(mdir: ModelDir) -> dict | None:
