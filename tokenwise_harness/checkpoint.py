@@ -21,6 +21,21 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
 
 
+_FILE_DIGESTS: dict[tuple, bytes] = {}
+
+
+def _file_sha256(path: Path) -> bytes:
+    """sha256 of a weight file, memoized per process by (path, size, mtime): one model dir is
+    opened several times per run (CLI checks, the pytest session's variants and stores), and
+    hashing a large checkpoint more than once would dominate start-up."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        with open(path, "rb") as fh:
+            _FILE_DIGESTS[key] = hashlib.file_digest(fh, "sha256").digest()
+    return _FILE_DIGESTS[key]
+
+
 class ModelDir:
     """A validated local model directory (`flag` names the CLI flag it came from)."""
 
@@ -60,8 +75,7 @@ class ModelDir:
         h.update(json.dumps(cfg, sort_keys=True).encode())
         for f in self.weight_files:
             h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
+            h.update(_file_sha256(f))
         return h.hexdigest()
 
     @cached_property
