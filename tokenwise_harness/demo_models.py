@@ -332,25 +332,15 @@ def _build(family, seed, num_layers, hidden_size, intermediate_size, num_heads, 
     return model, tokenizer
 
 
-def make_demo_model(
-    family: str,
-    out_dir,
-    seed: int = 0,
-    num_layers: int = 2,
-    hidden_size: int = 64,
-    intermediate_size: int = 160,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    vocab_size: int = 1024,
-    outlier_channels: int = 4,
-    outlier_scale: float = 20.0,
-    overwrite: bool = False,
-) -> Path:
-    """Build a demo model and save model + tokenizer (safetensors) to out_dir, atomically."""
+def make_demo_model(family: str, out_dir, seed: int = 0, overwrite: bool = False, **shape) -> Path:
+    """Build a demo model and save model + tokenizer (safetensors) to out_dir, atomically.
+
+    `shape`: build_demo's size keywords (num_layers, hidden_size, intermediate_size, num_heads,
+    num_kv_heads, vocab_size, outlier_channels, outlier_scale), defaults as there.
+    """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    model, tokenizer = build_demo(family, seed, num_layers, hidden_size, intermediate_size, num_heads,
-                                  num_kv_heads, vocab_size, outlier_channels, outlier_scale)
+    model, tokenizer = build_demo(family, seed, **shape)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
