@@ -555,3 +555,21 @@ def test_cache_captured_once_reused_and_refreshed(pytester):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     (error,) = [line for line in result.errlines if line.startswith("ERROR: ")]
     assert error.startswith(f"ERROR: tokenwise: --xy-path {old_copy} was captured from a different model than")
+
+
+def test_smooth_alpha_adds_smoothed_cases(pytester, demo):
+    """--smooth-alpha A|search smooths --model-dir on the session's cache and gates it too."""
+    model, cache = demo.model, demo.cache
+    for alpha in ("0.5", "search"):
+        result = pytester.runpytest(f"--model-dir={model}", f"--xy-path={cache}", "--ranks=8", "--qspecs=nvfp4@16",
+                                    f"--smooth-alpha={alpha}", "-k", "layer0- and q_proj", "--update-baselines",
+                                    f"--tokenwise-cache-dir={pytester.path / 'tc'}", "-p", "no:randomly")
+        result.assert_outcomes(passed=2)  # plain + smoothed layer0 q_proj
+        result.stdout.fnmatch_lines(["*layer0-self_attn-q_proj-rank8-nvfp4-blk16-smooth*"])
+    smoothed = sorted(p.name for p in (pytester.path / "tc").iterdir())
+    assert len(smoothed) == 2 and all("-smooth-" in name for name in smoothed)
+    meta = json.loads((pytester.path / "tc" / smoothed[1] / "tokenwise_smooth.json").read_text())
+    assert meta["alpha"] == "search" and meta["alphas"]
+    result = pytester.runpytest(f"--model-dir={model}", f"--xy-path={cache}", "--smooth-alpha=1.5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--smooth-alpha 1.5 must lie in*"])

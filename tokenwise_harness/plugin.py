@@ -21,6 +21,8 @@ def pytest_addoption(parser):
     g.addoption("--xy-path", default=None, help="existing save_xy cache; without it one is captured and reused")
     g.addoption("--ranks", default=None, help="comma-separated ranks (default: thresholds.yaml grid, else 16,32)")
     g.addoption("--qspecs", default=None, help="comma-separated fmt@blk (default: thresholds.yaml grid, else nvfp4@128)")
+    g.addoption("--smooth-alpha", default=None,
+                help="also gate --model-dir smoothed on the cache: a fixed alpha (e.g. 0.5) or 'search'")
     g.addoption("--act-qspecs", default=None, help="activation fmt@blk specs (W4A4), optional")
     g.addoption("--grid-mode", default=None, help="combined or full")
     g.addoption("--lowrank-iters", default=None, type=int, help="low-rank refinement iterations (default 1)")

@@ -29,7 +29,7 @@ PROP = "tokenwise_case"
 # Options quoted in the "create it with `pytest ... --update-baselines`" hint when set (and
 # not at their default): everything that selects the cases, the cache or the baseline store.
 RERUN_OPTIONS = (
-    ("--model-dir", None), ("--smooth-model-dir", None), ("--xy-path", None), ("--ranks", None),
+    ("--model-dir", None), ("--smooth-model-dir", None), ("--smooth-alpha", None), ("--xy-path", None), ("--ranks", None),
     ("--qspecs", None), ("--grid-mode", None), ("--act-qspecs", None), ("--lowrank-iters", None),
     ("--baselines-dir", None), ("--quantizer", None), ("--torch-dtype", "auto"),
     ("--xy-cn", 50), ("--xy-eu", 80), ("--xy-length", 128), ("--xy-seed", 0), ("--tokenwise-cache-dir", None),
@@ -162,6 +162,8 @@ class HarnessSession:
             ModelDir(opt("--model-dir"), "--model-dir")
             variants.append(Variant(False, opt("--model-dir"), "--model-dir"))
         if opt("--smooth-model-dir"):
+            if opt("--smooth-alpha") is not None:
+                raise HarnessError("--smooth-alpha smooths --model-dir itself; give it or --smooth-model-dir, not both")
             ModelDir(opt("--smooth-model-dir"), "--smooth-model-dir")
             variants.append(Variant(True, opt("--smooth-model-dir"), "--smooth-model-dir"))
         if not variants:
@@ -195,6 +197,29 @@ class HarnessSession:
             self.cache = XYCache(self._captured_cache(), "--xy-path")
         for v in self.variants:
             check_cache_model(self.cache, ModelDir(v.model_dir, v.flag), v.smooth)
+        if self.config.getoption("--smooth-alpha") is not None:
+            self.variants.append(self._smoothed_variant())
+
+    def _smoothed_variant(self) -> Variant:
+        """--smooth-alpha A|search: smooth --model-dir on the session's cache (once, kept beside the
+        captured caches, keyed by model, data and alpha) and gate the smoothed model too."""
+        from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.smooth import parse_alpha, smooth
+
+        opt = self.config.getoption
+        plain = [v for v in self.variants if not v.smooth]
+        if not plain:
+            raise HarnessError("--smooth-alpha needs --model-dir: it smooths that model on the cache")
+        alpha = parse_alpha(opt("--smooth-alpha"), flag="--smooth-alpha")
+        mdir = ModelDir(plain[0].model_dir, "--model-dir")
+        data_fp = self.cache.metadata.get("data_fingerprint", "nodata")[:12]
+        cache_dir = Path(opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")
+        out = cache_dir / f"{mdir.name}-{mdir.fingerprint[:12]}-{data_fp}-smooth-{alpha}"
+        if not (out / "config.json").is_file() and not self.is_worker:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            smooth(mdir.path, self.cache.path, out, alpha=alpha, chunk_tokens=self.chunk_tokens,
+                   device=self.device, log=lambda msg: None)
+        return Variant(True, str(out), "--smooth-alpha")
 
     def _captured_cache(self) -> Path:
         """The cache for --model-dir, keyed by model and data fingerprints; captured when missing."""

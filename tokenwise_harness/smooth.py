@@ -136,16 +136,16 @@ def _extend_index(directory: Path, new_keys: dict[str, str]) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def parse_alpha(alpha) -> float | str:
+def parse_alpha(alpha, flag: str = "--alpha") -> float | str:
     """--alpha: a float in [0, 1], or 'search' (the exponent searched per layer and input group)."""
     if isinstance(alpha, str) and alpha.strip().lower() == "search":
         return "search"
     try:
         value = float(alpha)
     except (TypeError, ValueError):
-        raise HarnessError(f"--alpha {alpha!r} must be a number in [0, 1] or 'search'") from None
+        raise HarnessError(f"{flag} {alpha!r} must be a number in [0, 1] or 'search'") from None
     if not (0.0 <= value <= 1.0):
-        raise HarnessError(f"--alpha {alpha} must lie in [0, 1] (or be 'search')")
+        raise HarnessError(f"{flag} {alpha} must lie in [0, 1] (or be 'search')")
     return value
 
 
