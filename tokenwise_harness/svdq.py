@@ -87,9 +87,23 @@ def _top_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return U * sign, S, Vt * sign[:, None]
 
 
+# On the CPU, eigh of a Gram matrix up to this size runs on one thread: LAPACK's threaded
+# tridiagonalisation gains nothing there and, with the cores shared (pytest -n, a busy CI
+# box), ran ~20x slower; one thread also makes the result independent of the thread count.
+SINGLE_THREAD_EIGH_MAX = 2048
+
+
 def _top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:
     """Eigenvectors of the r largest eigenvalues of a symmetric matrix, largest first."""
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    if gram.device.type == "cpu" and gram.shape[0] <= SINGLE_THREAD_EIGH_MAX:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, vecs = torch.linalg.eigh(gram)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
     n = gram.shape[0]
     return vecs[:, n - r :].flip(-1)
 
