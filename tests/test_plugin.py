@@ -94,6 +94,18 @@ def write_layer(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
+def plant_ghost_baseline(baselines: Path, source_case: str, layer: int) -> str:
+    """Copy a stored case to a layer the model does not have (in the same format); its id."""
+    src_layer = int(source_case.split("-")[0][len("layer"):])
+    doc = read_layer(baselines / f"layer{src_layer}.json")
+    entry = doc["cases"][source_case]
+    ghost = f"layer{layer}-" + source_case.split("-", 1)[1]
+    write_layer(baselines / f"layer{layer}.json",
+                {"schema_version": 1, "provenance": {entry["provenance"]: doc["provenance"][entry["provenance"]]},
+                 "cases": {ghost: entry}})
+    return ghost
+
+
 # ---------------------------------------------------------------- 1. collection
 
 
@@ -219,12 +231,7 @@ def test_baselines_hint_quotes_every_option_that_decides_them(pytester, harness,
 def test_stale_baselines_judged_within_selection_and_deleted_on_update(pytester, harness):
     harness("-k", "q_proj", "--update-baselines").assert_outcomes(passed=4)
     # A baseline of a case that no longer exists (the model has no layer 7), in the same format.
-    doc = read_layer(harness.baselines / "layer0.json")
-    ghost = "layer7-self_attn-q_proj-rank8-nvfp4-blk16"
-    entry = doc["cases"]["layer0-self_attn-q_proj-rank8-nvfp4-blk16"]
-    write_layer(harness.baselines / "layer7.json",
-                {"schema_version": 1, "provenance": {entry["provenance"]: doc["provenance"][entry["provenance"]]},
-                 "cases": {ghost: entry}})
+    ghost = plant_ghost_baseline(harness.baselines, "layer0-self_attn-q_proj-rank8-nvfp4-blk16", layer=7)
     stale_line = "baselines stale (no such case any more; --update-baselines deletes them): 1"
 
     result = harness("-k", "q_proj")
@@ -337,12 +344,7 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
     serial = harness("--tokenwise-report", "serial.json")
     serial.assert_outcomes(passed=28)
     # one stale baseline, to be judged (and deleted) by the controller, which collects nothing
-    doc = read_layer(harness.baselines / "layer1.json")
-    ghost = "layer9-mlp-up_proj-rank16-nvfp4-blk16"
-    entry = doc["cases"]["layer1-mlp-up_proj-rank16-nvfp4-blk16"]
-    write_layer(harness.baselines / "layer9.json",
-                {"schema_version": 1, "provenance": {entry["provenance"]: doc["provenance"][entry["provenance"]]},
-                 "cases": {ghost: entry}})
+    ghost = plant_ghost_baseline(harness.baselines, "layer1-mlp-up_proj-rank16-nvfp4-blk16", layer=9)
 
     result = pytester.runpytest_subprocess(
         "-n", "2", f"--model-dir={demo.model}", f"--xy-path={demo.cache}",
