@@ -344,7 +344,7 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
     serial = harness("--tokenwise-report", "serial.json")
     serial.assert_outcomes(passed=28)
     # one stale baseline, to be judged (and deleted) by the controller, which collects nothing
-    ghost = plant_ghost_baseline(harness.baselines, "layer1-mlp-up_proj-rank16-nvfp4-blk16", layer=9)
+    plant_ghost_baseline(harness.baselines, "layer1-mlp-up_proj-rank16-nvfp4-blk16", layer=9)
 
     result = pytester.runpytest_subprocess(
         "-n", "2", f"--model-dir={demo.model}", f"--xy-path={demo.cache}",

@@ -4,7 +4,6 @@ Reference (float64, built from independent pieces):
     Y~ = X̂·(L1 L2)ᵀ + Q_a(X̂)·Q_w(R)ᵀ + b,    X̂ = X / s when smoothed.
 """
 
-import numpy as np
 import pytest
 import torch
 

@@ -59,7 +59,7 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     mdir = ModelDir(model_dir)
     final = check_output_file(cache_path(check_writable_dir(Path(save_path), "--save_path"), label), "--label")
     if clear_leftovers(final):
-        log(f"save_xy: removed temp files of an interrupted earlier run; starting clean")
+        log("save_xy: removed temp files of an interrupted earlier run; starting clean")
 
     device = pick_device(device) if device_map is None else None
     # Data first: a bad --cn/--eu/--length fails before the (possibly huge) model loads.

@@ -149,7 +149,6 @@ class ErrorMatmul:
 
     def prepare(self, m):
         """M (float32) -> (operand, scale back)."""
-        import torch
 
         if self.low is None:
             return m, 1.0

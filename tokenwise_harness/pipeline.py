@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from tokenwise_harness import __version__
@@ -82,7 +81,6 @@ def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
     """A cache must come from this model (or, for a smoothed dir, from the model it was made from)."""
     fingerprint = mdir.fingerprint
     if smooth:
-        import json
 
         meta_file = mdir.path / SMOOTH_META_FILE
         if meta_file.is_file():
@@ -94,7 +92,7 @@ def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
 
 def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     """Score the grid; return the §2.5 report (not yet written)."""
-    from tokenwise_harness import evaluate, report
+    from tokenwise_harness import report
 
     if spec.chunk_tokens <= 0:
         raise HarnessError(f"--chunk_tokens {spec.chunk_tokens} must be a positive token count")
@@ -160,7 +158,6 @@ def _score(spec: EvalSpec, mdir: ModelDir, cache: XYCache, grid, device, fake_op
 
 
 def _smooth_meta(mdir: ModelDir) -> dict | None:
-    import json
 
     f = mdir.path / SMOOTH_META_FILE
     if not f.is_file():

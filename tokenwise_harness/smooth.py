@@ -88,7 +88,6 @@ def compute_factors(mdir: ModelDir, cache: XYCache, alpha: float, chunk_tokens: 
 
 def write_smoothed_model(mdir: ModelDir, out_dir: Path, factors: dict, meta: dict) -> Path:
     """Rewrite the shards with W*s and smooth_factor tensors; copy everything else. Atomic."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     out_dir = Path(out_dir)
