@@ -149,7 +149,9 @@ class HarnessSession:
         self.update_summaries: list = []
         self.stale: list[str] = []
         self.warnings: list[str] = []
-        self._provenance: dict = {}
+        self._provenance: dict = {}  # per variant, computed once
+        self._models: dict = {}  # per variant, loaded once (--quantizer runs only)
+        self._stores: dict = {}  # per variant, one baseline store
         config.pluginmanager.register(self, "tokenwise-session")
 
     # ------------------------------------------------------------ options
@@ -378,8 +380,6 @@ class HarnessSession:
         self.computed[(variant, case.layer, case.block, case.proj)] = results[(case.layer, case.block, case.proj)]
 
     def _user_model(self, variant: Variant, mdir):
-        if not hasattr(self, "_models"):
-            self._models = {}
         if variant not in self._models:
             from tokenwise_harness.checkpoint import load_model
             from tokenwise_harness.smooth import load_smoothed_model
@@ -393,8 +393,6 @@ class HarnessSession:
         from tokenwise_harness.baselines import BaselineStore, model_id
         from tokenwise_harness.checkpoint import ModelDir
 
-        if not hasattr(self, "_stores"):
-            self._stores = {}
         if variant not in self._stores:
             mdir = ModelDir(variant.model_dir, variant.flag)
             hint = f"`pytest {' '.join(self._rerun_args())} --update-baselines`"
