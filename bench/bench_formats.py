@@ -17,8 +17,8 @@ import os
 import pytest
 import torch
 
-from tokenwise_harness import formats
-from tokenwise_harness.svdq import LowRank
+from tokenwise_harness.numerics import formats
+from tokenwise_harness.numerics.lowrank import LowRank
 
 FULL = os.environ.get("TOKENWISE_BENCH_FULL") == "1"
 DEVICE = "cuda" if FULL and torch.cuda.is_available() else "cpu"

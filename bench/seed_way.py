@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenwise_harness import formats
 from tokenwise_harness.allowlist import iter_allowed_linears
-from tokenwise_harness.metrics import TokenwiseAccumulator
+from tokenwise_harness.numerics import formats
+from tokenwise_harness.numerics.metrics import TokenwiseAccumulator
 
 
 def seed_fake_op(model, cfg) -> None:

@@ -1,7 +1,7 @@
 """Shared fixtures: offline demo models and the demo tokenizer, built once per session.
 
 Everything here works with no network: the models are random-weight Hugging Face models
-built by tokenwise_harness.demo_models, and the hub is switched off for the whole run so an
+built by tokenwise_harness.demo.models, and the hub is switched off for the whole run so an
 accidental hub lookup fails loudly instead of downloading.
 """
 
@@ -18,7 +18,7 @@ DEMO_FAMILIES = ("qwen3", "llama", "qwen2")
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):
     """A 2-layer Qwen3 demo model dir (seed 0, default sizes, planted outliers in layer 0)."""
-    from tokenwise_harness.demo_models import make_demo_model
+    from tokenwise_harness.demo.models import make_demo_model
 
     return make_demo_model("qwen3", tmp_path_factory.mktemp("demo_models") / "qwen3")
 
@@ -26,7 +26,7 @@ def demo_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_model_dirs(tmp_path_factory, demo_model_dir):
     """{family: model dir} for qwen3 (the same dir as demo_model_dir), llama and qwen2."""
-    from tokenwise_harness.demo_models import make_demo_model
+    from tokenwise_harness.demo.models import make_demo_model
 
     root = tmp_path_factory.mktemp("demo_models_more")
     dirs = {"qwen3": demo_model_dir}
@@ -38,6 +38,6 @@ def demo_model_dirs(tmp_path_factory, demo_model_dir):
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     """The demo models' tokenizer (byte-level BPE, 1024 tokens, trained on the embedded corpus)."""
-    from tokenwise_harness.demo_models import make_demo_tokenizer
+    from tokenwise_harness.demo.models import make_demo_tokenizer
 
     return make_demo_tokenizer()

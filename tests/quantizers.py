@@ -4,7 +4,7 @@
 import torch
 
 from tokenwise_harness.allowlist import iter_allowed_linears
-from tokenwise_harness.svdq import fake_op as reference_fake_op
+from tokenwise_harness.numerics.svdq import fake_op as reference_fake_op
 
 
 def accumulating_fake_op(model, svdq_cfg):

@@ -9,10 +9,10 @@ import struct
 
 import pytest
 
-from tokenwise_harness import analyze as an
-from tokenwise_harness import report as rp
 from tokenwise_harness.allowlist import PROJ_ORDER
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.report import analyze as an
+from tokenwise_harness.report import document as rp
 
 BLOCKS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 BLOCK_OF = {p: b for b, projs in BLOCKS.items() for p in projs}

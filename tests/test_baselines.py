@@ -7,7 +7,9 @@ import math
 
 import pytest
 
-from tokenwise_harness.baselines import (
+from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.grid import SvdqConfig
+from tokenwise_harness.verdict.baselines import (
     BaselineStore,
     UpdateSummary,
     compare_metrics,
@@ -15,10 +17,8 @@ from tokenwise_harness.baselines import (
     git_commit,
     model_id,
 )
-from tokenwise_harness.cases import Case
-from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.grid import SvdqConfig
-from tokenwise_harness.thresholds import format_pair, parse_thresholds, regression_bound
+from tokenwise_harness.verdict.cases import Case
+from tokenwise_harness.verdict.thresholds import format_pair, parse_thresholds, regression_bound
 
 MID = "demo-0123456789"
 PROV = {

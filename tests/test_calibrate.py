@@ -10,14 +10,17 @@ import pytest
 import torch
 
 from tests.helpers import one_line_error, run_cli
-from tokenwise_harness import calibrate
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.calib import search as calibrate
+from tokenwise_harness.calib.smooth import smooth
+from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
-from tokenwise_harness.smooth import smooth, smooth_factor
-from tokenwise_harness.svdq import LowRank, fake_quantize_weight
+from tokenwise_harness.numerics import metrics, smoothing, svdq
+from tokenwise_harness.numerics.lowrank import LowRank
+from tokenwise_harness.numerics.smoothing import smooth_factor
+from tokenwise_harness.numerics.svdq import fake_quantize_weight
 
 pytest_plugins = ["pytester"]
 
@@ -67,7 +70,7 @@ def direct_error(x64, w_tilde, w, s=None):
 
 def test_gram_error_equals_direct_float64():
     x, (w, *_) = planted()
-    acc = calibrate.GramAccumulator(x.shape[1])
+    acc = metrics.GramAccumulator(x.shape[1])
     for start in range(0, x.shape[0], 70):  # chunked accumulation
         acc.update(x[start:start + 70])
     gram = acc.result()
@@ -75,14 +78,14 @@ def test_gram_error_equals_direct_float64():
     torch.testing.assert_close(gram, x.T @ x, rtol=1e-13, atol=0)
     torch.testing.assert_close(acc.amax, x.abs().amax(0), rtol=0, atol=0)
     delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert calibrate.output_error(delta, gram) == pytest.approx(float(((x @ delta.T) ** 2).sum()), rel=1e-12)
+    assert metrics.output_error(delta, gram) == pytest.approx(float(((x @ delta.T) ** 2).sum()), rel=1e-12)
     s = torch.rand(x.shape[1], generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1
-    torch.testing.assert_close(calibrate.scale_gram(gram, s), (x / s).T @ (x / s), rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics.scale_gram(gram, s), (x / s).T @ (x / s), rtol=1e-12, atol=0)
 
 
 def test_cache_gram_matches_engine_sse(demo):
     """H from the cache scores a real config's ΔW as the engine's streamed SSE does."""
-    from tokenwise_harness.pipeline import EvalSpec, run_eval
+    from tokenwise_harness.run import EvalSpec, run_eval
 
     model_dir, cache_path = demo
     cache, mdir = XYCache(cache_path), ModelDir(model_dir)
@@ -92,7 +95,7 @@ def test_cache_gram_matches_engine_sse(demo):
     torch.testing.assert_close(gram, x.T @ x, rtol=1e-12, atol=1e-9)
     w = mdir.read(target.path + ".weight").float()
     cfg = SvdqConfig(8, "nvfp4", 16)
-    err = calibrate.output_error(fake_quantize_weight(w, cfg) - w, gram)
+    err = metrics.output_error(fake_quantize_weight(w, cfg) - w, gram)
     rep = run_eval(EvalSpec.from_text("8", "nvfp4@16", model_dir=str(model_dir), xy_path=str(cache_path),
                                       device="cpu"), **QUIET)
     sse = rep["by_layer"]["0"]["self_attn"]["by_proj"]["o_proj"][cfg.key]["sse"]
@@ -105,7 +108,7 @@ def test_cache_gram_matches_engine_sse(demo):
 def test_searched_smoothing_never_worse_than_any_fixed_alpha_float64():
     x, ws = planted()
     gram, amax = x.T @ x, x.abs().amax(0)
-    choice = calibrate.search_group(ws, gram, amax, SEARCH_CFG)
+    choice = smoothing.search_group(ws, gram, amax, SEARCH_CFG)
     w_amax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)
 
     def ref(s):
@@ -114,25 +117,25 @@ def test_searched_smoothing_never_worse_than_any_fixed_alpha_float64():
     # the chosen factor scores what a direct float64 evaluation says
     assert choice.error == pytest.approx(ref(choice.s), rel=1e-9)
     assert choice.baseline_error == pytest.approx(ref(torch.ones_like(amax, dtype=torch.float32)), rel=1e-9)
-    fixed = {a: ref(smooth_factor(amax, w_amax, a)) for a in calibrate.ALPHA_GRID}
+    fixed = {a: ref(smooth_factor(amax, w_amax, a)) for a in smoothing.ALPHA_GRID}
     assert choice.error <= min(fixed.values()) * (1 + 1e-9)
     assert choice.error <= choice.baseline_error
     assert choice.fixed_error == pytest.approx(fixed[0.5], rel=1e-9)
     assert choice.error < 0.5 * choice.baseline_error  # planted outliers: smoothing pays off
-    assert len(choice.errors) == 1 + 2 * len(calibrate.ALPHA_GRID)
+    assert len(choice.errors) == 1 + 2 * len(smoothing.ALPHA_GRID)
     assert (choice.a, choice.b) in choice.errors and choice.errors[(choice.a, choice.b)] == choice.error
 
 
 def test_search_order_and_ties():
     """Candidates: s = 1 first, then b = 1 − a, then b = 0; the first of equal minima wins."""
-    order = calibrate.smoothing_candidates()
+    order = smoothing.smoothing_candidates()
     assert order[0] == (0.0, 0.0) and order[10] == (0.5, 0.5) and order[-1] == (0.95, 0.0)
     assert len(order) == len(set(order)) == 39
     x, ws = planted(seed=7)
     amax = x.abs().amax(0)
     s = smooth_factor(amax, torch.ones_like(amax), 0.0, beta=0.0)
     assert torch.equal(s, torch.ones_like(s))  # a = b = 0 is exactly no smoothing
-    choice = calibrate.search_group(ws, x.T @ x, amax, SEARCH_CFG)
+    choice = smoothing.search_group(ws, x.T @ x, amax, SEARCH_CFG)
     assert choice.error == min(choice.errors.values())
     assert next(c for c in order if choice.errors[c] == choice.error) == (choice.a, choice.b)
 
@@ -142,13 +145,13 @@ def test_search_order_and_ties():
 
 def reference_iterates(w, rank, fmt, blk, steps):
     """L₀ = SVD_r(W), L_k = SVD_r(W − Q(W − L_{k−1})) with torch.linalg.svd in float64."""
-    from tokenwise_harness.formats import fake_quantize
+    from tokenwise_harness.numerics.formats import fake_quantize
 
     def svd_r(m):
         u, s, vt = torch.linalg.svd(m.double(), full_matrices=False)
         return ((u[:, :rank] * s[:rank]) @ vt[:rank]).float()
 
-    out, branch = [], svd_r(w)
+    out, branch, q = [], svd_r(w), None
     for k in range(steps):
         if k:
             branch = svd_r(w - q)
@@ -166,22 +169,22 @@ def test_iterated_branch_never_worse_than_one_shot_float64(fmt, blk):
     e0 = direct_error(x, one_shot, w)
     ref = [direct_error(x, wt, w) for wt in reference_iterates(w, 8, fmt, blk, 6)]
     for iters in (1, 2, 6, 40):
-        res = calibrate.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=iters), gram)
+        res = svdq.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=iters), gram)
         assert res.errors[0] == pytest.approx(e0, rel=1e-9)  # iterate 0 is the one-shot branch
         assert 1 <= res.iters_run <= iters
         assert res.errors[res.best_iter] == min(res.errors)
         assert direct_error(x, res.weight, w) == pytest.approx(min(res.errors), rel=1e-9)
         assert min(res.errors) <= res.errors[0] and direct_error(x, res.weight, w) <= e0 * (1 + 1e-9)
         if res.iters_run < iters:  # stopped: the last iterate did not improve on the best
-            assert res.errors[-1] >= min(res.errors[:-1]) * (1 - calibrate.IMPROVE_RTOL)
+            assert res.errors[-1] >= min(res.errors[:-1]) * (1 - svdq.IMPROVE_RTOL)
         n = min(res.iters_run, len(ref))
         assert res.errors[:n] == pytest.approx(ref[:n], rel=2e-3)  # the recipe, independently
-    assert torch.equal(calibrate.iterated_lowrank(w, cfg1, gram).weight, one_shot)
-    from tokenwise_harness.formats import fake_quantize
+    assert torch.equal(svdq.iterated_lowrank(w, cfg1, gram).weight, one_shot)
+    from tokenwise_harness.numerics.formats import fake_quantize
 
-    res = calibrate.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=6), gram)
+    res = svdq.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=6), gram)
     assert torch.equal(res.weight, res.branch + fake_quantize(w - res.branch, fmt, blk))  # W~ = L + Q(W − L)
-    res = calibrate.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=6), gram)
+    res = svdq.iterated_lowrank(w, SvdqConfig(8, fmt, blk, iters=6), gram)
     assert res.best_iter > 0 and min(res.errors) < 0.98 * e0  # it does refine on this layer
 
 
@@ -197,18 +200,18 @@ def test_fake_quantize_weight_gram_contract():
     cfg3 = SvdqConfig(8, "nvfp4", 16, iters=3)
     lr = LowRank(w, 16)  # the engine's shared decomposition (max_rank above the config's rank)
     assert torch.equal(fake_quantize_weight(w, cfg3, lowrank=lr, gram=gram),
-                       calibrate.iterated_lowrank(w, cfg3, gram).weight)
+                       svdq.iterated_lowrank(w, cfg3, gram).weight)
     # nothing to iterate: rank-only and quant-only configs return the one-shot W~
     for cfg in (SvdqConfig(8, "none", None, iters=3), SvdqConfig(0, "nvfp4", 16, iters=3)):
         assert torch.equal(fake_quantize_weight(w, cfg, gram=gram),
                            fake_quantize_weight(w, SvdqConfig(cfg.rank, cfg.fmt, cfg.blk)))
     # smoothing: the Gram is that of X / s
     s = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(5)) + 0.5
-    w_s = fake_quantize_weight(w, cfg3, smooth=s, gram=calibrate.scale_gram(gram, s))
-    res = calibrate.iterated_lowrank(w * s, cfg3, calibrate.scale_gram(gram, s))
+    w_s = fake_quantize_weight(w, cfg3, smooth=s, gram=metrics.scale_gram(gram, s))
+    res = svdq.iterated_lowrank(w * s, cfg3, metrics.scale_gram(gram, s))
     assert torch.equal(w_s, res.weight)
     # W4A4 configs cannot iterate through the engine yet: a clear error, not a wrong residual
-    fn = calibrate.with_gram(fake_quantize_weight, gram)
+    fn = svdq.with_gram(fake_quantize_weight, gram)
     with pytest.raises(HarnessError, match="act_qspecs"):
         fn(w, SvdqConfig(8, "nvfp4", 16, "nvfp4", 16, iters=3))
 
@@ -221,7 +224,7 @@ def test_calibration_is_deterministic(demo):
     assert m1 == m2 and f1.keys() == f2.keys() and all(torch.equal(f1[t], f2[t]) for t in f1)
     x, (w, *_) = planted(seed=6)
     cfg = SvdqConfig(8, "nvfp4", 16, iters=10)
-    a, b = calibrate.iterated_lowrank(w, cfg, x.T @ x), calibrate.iterated_lowrank(w, cfg, x.T @ x)
+    a, b = svdq.iterated_lowrank(w, cfg, x.T @ x), svdq.iterated_lowrank(w, cfg, x.T @ x)
     assert torch.equal(a.weight, b.weight) and a.errors == b.errors
 
 
@@ -234,7 +237,7 @@ def _by_proj(rep):
 
 
 def test_smooth_alpha_search_cli_then_eval_smooth(demo, tmp_path):
-    from tokenwise_harness.smooth import compute_factors
+    from tokenwise_harness.calib.smooth import compute_factors
 
     model_dir, cache_path = demo
     proc = run_cli("smooth", "--model_dir", model_dir, "--xy_path", cache_path, "--out_dir", tmp_path / "s",
@@ -242,7 +245,7 @@ def test_smooth_alpha_search_cli_then_eval_smooth(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "s" / "tokenwise_smooth.json").read_text())
     assert meta["alpha"] == "search" and meta["search"] == {
-        "qspec": "nvfp4@16", "rank": 8, "alpha_grid": list(calibrate.ALPHA_GRID),
+        "qspec": "nvfp4@16", "rank": 8, "alpha_grid": list(smoothing.ALPHA_GRID),
         "objective": "sum over the group's projections of tr(dW' H_s dW'^T)"}
     groups = {f"model.layers.{i}.{g}" for i in (0, 1) for g in ("self_attn.qkv", "self_attn.o", "mlp.gate_up",
                                                                  "mlp.down")}
@@ -264,7 +267,7 @@ def test_smooth_alpha_search_cli_then_eval_smooth(demo, tmp_path):
         fixed = compute_factors(mdir, cache, alpha)
         for g, ts in members.items():
             gram = calibrate.input_gram(cache, ts[0])
-            err = calibrate.smoothed_error([mdir.read(t.path + ".weight").float() for t in ts], gram, fixed[ts[0]],
+            err = smoothing.smoothed_error([mdir.read(t.path + ".weight").float() for t in ts], gram, fixed[ts[0]],
                                            SEARCH_CFG)
             assert meta["alphas"][g]["error"] <= err * (1 + 1e-9), (g, alpha)
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from tests.helpers import files_under, one_line_error, run_cli, run_cli_subprocess
 from tokenwise_harness.allowlist import ALLOWED
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.capture.save_xy import save_xy
 
 SMALL = dict(cn=3, eu=4, length=16, batch_size=3)
 QUIET = dict(progress=False, log=lambda msg: None)
@@ -71,7 +71,7 @@ def test_deterministic_and_fp16(demo_model_dir, tmp_path):
 
 
 def test_extra_non_allowlisted_linear_is_ignored(demo_model_dir, tmp_path, monkeypatch):
-    from tokenwise_harness import capture
+    from tokenwise_harness.capture import save_xy as capture
 
     real = capture.load_model
 
@@ -89,7 +89,7 @@ def test_extra_non_allowlisted_linear_is_ignored(demo_model_dir, tmp_path, monke
 
 def test_pt_fallback_without_safetensors(demo_model_dir, tmp_path, monkeypatch):
     from tokenwise_harness import cache as cache_mod
-    from tokenwise_harness import capture
+    from tokenwise_harness.capture import save_xy as capture
 
     monkeypatch.setattr(capture, "have_safetensors", lambda: False)
     monkeypatch.setattr(cache_mod, "have_safetensors", lambda: False)
@@ -135,7 +135,7 @@ def test_bad_inputs_one_line_exit_2_nothing_written(demo_model_dir, tmp_path, ar
 
 
 def test_compact_layout_stores_shared_inputs_once_and_scores_the_same(demo_model_dirs, qwen2_cache, tmp_path):
-    from tokenwise_harness.pipeline import EvalSpec, run_eval
+    from tokenwise_harness.run import EvalSpec, run_eval
 
     model_dir = demo_model_dirs["qwen2"]
     compact = save_xy(model_dir, tmp_path, "compact", save_dtype="fp32", compact=True, **SMALL, **QUIET)

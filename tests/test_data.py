@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokenwise_harness.data import (
+from tokenwise_harness.capture.data import (
     CORPUS_DIR,
     batches,
     data_fingerprint,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tokenwise_harness.allowlist import iter_allowed_linears, parse_target
-from tokenwise_harness.data import get_veri_data
-from tokenwise_harness.demo_models import (
+from tokenwise_harness.capture.data import get_veri_data
+from tokenwise_harness.demo.models import (
     FAMILIES,
     build_demo,
     demo_info,
@@ -178,7 +178,7 @@ def test_build_is_fast(tmp_path, demo_model_dir):
     CPU time rather than wall time: other jobs sharing the machine stretch wall time
     without saying anything about this code.
     """
-    from tokenwise_harness.demo_models import _trained_tokenizer_json
+    from tokenwise_harness.demo.models import _trained_tokenizer_json
 
     started = time.process_time()
     _trained_tokenizer_json.__wrapped__(512)  # training from scratch, bypassing the cache

@@ -10,13 +10,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.helpers import files_under, one_line_error, run_cli, run_cli_subprocess
-from tokenwise_harness import evaluate, report
+from tokenwise_harness import engine as evaluate
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.grid import build_grid, parse_qspecs
-from tokenwise_harness.pipeline import EvalSpec, run_eval
-from tokenwise_harness.svdq import fake_quantize_weight
+from tokenwise_harness.numerics.svdq import fake_quantize_weight
+from tokenwise_harness.report import document as report
+from tokenwise_harness.run import EvalSpec, run_eval
 
 QUIET = dict(progress=False, log=lambda msg: None)
 
@@ -124,8 +125,8 @@ def test_restore_semantics_with_a_stateful_quantizer(qwen3):
 
 
 def test_smoothing_lowers_error_on_planted_outlier_projections(qwen3, tmp_path):
-    from tokenwise_harness.demo_models import planted_outliers
-    from tokenwise_harness.smooth import smooth
+    from tokenwise_harness.calib.smooth import smooth
+    from tokenwise_harness.demo.models import planted_outliers
 
     model_dir, cache_path = qwen3
     smoothed = smooth(model_dir, cache_path, tmp_path / "sm", alpha=0.5, log=lambda m: None)
@@ -144,7 +145,7 @@ def test_smoothing_lowers_error_on_planted_outlier_projections(qwen3, tmp_path):
 def test_smoothed_model_keeps_the_function(qwen3, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tokenwise_harness.smooth import load_smoothed_model, smooth
+    from tokenwise_harness.calib.smooth import load_smoothed_model, smooth
 
     model_dir, cache_path = qwen3
     out = smooth(model_dir, cache_path, tmp_path / "sm", alpha=0.5, log=lambda m: None)

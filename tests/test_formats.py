@@ -21,8 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenwise_harness import formats
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.numerics import formats
 
 E2M1 = ml_dtypes.float4_e2m1fn
 E4M3 = ml_dtypes.float8_e4m3fn

@@ -25,7 +25,7 @@ import pytest
 
 from tests.helpers import files_under, run_cli
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.capture.save_xy import save_xy
 
 SEED = 20251125
 PAUSE = 0.004  # seconds per tick in the driver
@@ -43,7 +43,8 @@ def tick(what):
     print(f"TICK {ticks[0]} {what}", flush=True)
     time.sleep(PAUSE)
 
-from tokenwise_harness import cache, report
+from tokenwise_harness import cache
+from tokenwise_harness.report import document as report
 import safetensors.torch as st
 
 write_rows = cache.StreamingSafetensorsWriter.write_rows
@@ -198,9 +199,9 @@ def test_demo_resumes_after_an_interruption(demo_model_dir, tmp_path, monkeypatc
     The kill itself is exercised per step above; here its aftermath is laid out by hand.
     The rankings are stubbed (matplotlib would dominate the time).
     """
-    from tokenwise_harness import analyze
-    from tokenwise_harness.demo import run_demo
+    from tokenwise_harness.demo.job import run_demo
     from tokenwise_harness.errors import HarnessError
+    from tokenwise_harness.report import analyze
 
     monkeypatch.setattr(analyze, "analyze", lambda report, out_dir: [])
     kw = dict(model_dir=demo_model_dir, cn=2, eu=2, length=16, ranks="8", qspecs="nvfp4@16")

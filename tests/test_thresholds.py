@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tokenwise_harness.cases import Case, parse_case_id
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig
-from tokenwise_harness.thresholds import (
+from tokenwise_harness.report.document import METRIC_KEYS
+from tokenwise_harness.verdict.cases import Case, parse_case_id
+from tokenwise_harness.verdict.thresholds import (
     METRICS,
     format_pair,
     load_thresholds,
     parse_thresholds,
 )
-from tokenwise_harness.report import METRIC_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 

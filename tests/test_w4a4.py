@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
-from tokenwise_harness import evaluate, formats
+from tokenwise_harness import engine as evaluate
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.capture import save_xy
+from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.grid import SvdqConfig, build_grid, parse_qspecs
-from tokenwise_harness.pipeline import EvalSpec, run_eval
-from tokenwise_harness.svdq import LowRank
+from tokenwise_harness.numerics import formats
+from tokenwise_harness.numerics.lowrank import LowRank
+from tokenwise_harness.run import EvalSpec, run_eval
 
 QUIET = dict(progress=False, log=lambda msg: None)
 
@@ -83,8 +84,8 @@ def test_activation_only_row_and_weight_only_unchanged(setup):
 
 
 def test_smoothing_lowers_w4a4_error_on_outlier_channels(demo_model_dir, tmp_path):
-    from tokenwise_harness.demo_models import planted_outliers
-    from tokenwise_harness.smooth import smooth
+    from tokenwise_harness.calib.smooth import smooth
+    from tokenwise_harness.demo.models import planted_outliers
 
     cache = save_xy(demo_model_dir, tmp_path, "c", cn=3, eu=3, length=32, save_dtype="fp32", **QUIET)
     smoothed = smooth(demo_model_dir, cache, tmp_path / "sm", alpha=0.5, log=lambda m: None)

@@ -7,8 +7,8 @@ ALLOWED. Everything else (embed_tokens, lm_head, extra linears) is ignored.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 MODULE_RE = re.compile(r"^model\.layers\.(\d+)\.(mlp|self_attn)\.([A-Za-z0-9_]+)$")
 

@@ -12,8 +12,8 @@ import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tokenwise_harness.errors import HarnessError
 

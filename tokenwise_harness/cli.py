@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(a) -> int:
-    from tokenwise_harness.demo import run_demo
+    from tokenwise_harness.demo.job import run_demo
 
     run_demo(a.out, model=a.model, model_dir=a.model_dir, gguf=a.gguf, ranks=a.ranks, qspecs=a.qspecs, cn=a.cn,
              eu=a.eu, length=a.length, grid_mode=a.grid_mode, harness=not a.no_harness,
@@ -157,13 +157,13 @@ def cmd_import_gguf(a) -> int:
 
 
 def cmd_save_xy(a) -> int:
-    from tokenwise_harness.capture import save_xy
-    from tokenwise_harness.pipeline import resolve_callable
+    from tokenwise_harness.capture.save_xy import save_xy
+    from tokenwise_harness.run import resolve_callable
 
     data_fn = resolve_callable(a.data_fn, "--data_fn") if a.data_fn else None
     corpus = None
     if a.corpus:
-        from tokenwise_harness.data import load_corpus
+        from tokenwise_harness.capture.data import load_corpus
 
         corpus = load_corpus(a.corpus)
     save_xy(a.model_dir, a.save_path, a.label, seed=a.seed, cn=a.cn, eu=a.eu, length=a.length,
@@ -176,10 +176,10 @@ def cmd_save_xy(a) -> int:
 def cmd_eval(a, smooth: bool) -> int:
     from pathlib import Path
 
-    from tokenwise_harness import report
     from tokenwise_harness.atomic import check_output_file, clear_leftovers
     from tokenwise_harness.grid import parse_qspecs
-    from tokenwise_harness.pipeline import EvalSpec, run_eval
+    from tokenwise_harness.report import document as report
+    from tokenwise_harness.run import EvalSpec, run_eval
 
     out = Path(a.out_json)
     check_output_file(out, "--out_json")
@@ -205,7 +205,7 @@ def _lowrank_iters(n: int) -> int:
 
 
 def cmd_smooth(a) -> int:
-    from tokenwise_harness.smooth import smooth
+    from tokenwise_harness.calib.smooth import smooth
 
     smooth(a.model_dir, a.xy_path, a.out_dir, alpha=a.alpha, chunk_tokens=a.chunk_tokens,
            search_qspec=a.search_qspec, search_rank=a.search_rank, device=a.device)
@@ -213,7 +213,7 @@ def cmd_smooth(a) -> int:
 
 
 def cmd_analyze(a) -> int:
-    from tokenwise_harness.analyze import analyze
+    from tokenwise_harness.report.analyze import analyze
 
     for path in analyze(a.report, a.out_dir):
         print(path)
@@ -221,7 +221,7 @@ def cmd_analyze(a) -> int:
 
 
 def cmd_make_demo_model(a) -> int:
-    from tokenwise_harness.demo_models import make_demo_model
+    from tokenwise_harness.demo.models import make_demo_model
 
     out = make_demo_model(a.family, a.out, seed=a.seed, num_layers=a.layers, overwrite=a.overwrite)
     print(f"make-demo-model: {a.family} -> {out}")

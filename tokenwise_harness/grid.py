@@ -8,8 +8,8 @@ set, so weight-only one-shot reports keep the seed's keys.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from tokenwise_harness.errors import HarnessError
 
@@ -113,7 +113,7 @@ def parse_ranks(text: str, flag: str = "--ranks") -> list[int]:
 
 def parse_qspec(text: str, flag: str = "--qspecs") -> QSpec:
     """'nvfp4@128' -> QSpec('nvfp4', 128); 'fp4@in'; a bare 'nvfp4' takes the format's default block."""
-    from tokenwise_harness import formats
+    from tokenwise_harness.numerics import formats
 
     text = text.strip()
     fmt, sep, blk_text = text.partition("@")

@@ -19,13 +19,14 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from tokenwise_harness.allowlist import PROJ_ORDER
 from tokenwise_harness.atomic import atomic_path, check_writable_dir, write_text_atomic
 from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.report import BLOCK_ORDER, iter_agg, iter_metrics, load_report, report_configs
+from tokenwise_harness.report.document import BLOCK_ORDER, iter_agg, iter_metrics, load_report, report_configs
 
 MD_MAX_ROWS = 50
 MAX_PANELS = 12

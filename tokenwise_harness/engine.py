@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from tokenwise_harness.allowlist import Target, iter_allowed_linears
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
-from tokenwise_harness.metrics import TokenwiseAccumulator
+from tokenwise_harness.numerics.metrics import TokenwiseAccumulator
 
 # All ΔW of a group of configs stay resident while X streams; past this many bytes the grid
 # is split into groups and X is streamed once per group.
@@ -179,7 +179,7 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms:
     """Metrics of every config in `terms` (cfg key -> ConfigTerm, or a bare W~) for one projection."""
     import torch
 
-    from tokenwise_harness import formats
+    from tokenwise_harness.numerics import formats
 
     entry = cache.entry(target)
     w, b, s = triple.weight, triple.bias, triple.smooth
@@ -244,7 +244,9 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
     """{(layer, block, proj): {cfg key: metrics}} for every target (default: all of them)."""
     from tqdm import tqdm
 
-    from tokenwise_harness import calibrate, svdq
+    from tokenwise_harness.calib import search as calibrate
+    from tokenwise_harness.numerics import lowrank as lowrank_mod
+    from tokenwise_harness.numerics import svdq
 
     quantize_fn = quantize_fn or svdq.fake_quantize_weight
     stats = stats if stats is not None else EngineStats()
@@ -258,13 +260,13 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
         check_ranks(grid, target, triple.weight.shape)
         _check_weight_finite(triple, target)
         t0 = _now(device)
-        lowrank = svdq.LowRank(triple.weight, max_rank) if max_rank > 0 else None
+        lowrank = lowrank_mod.LowRank(triple.weight, max_rank) if max_rank > 0 else None
         t1 = _now(device)
         stats.decompositions += lowrank is not None
         stats.seconds_decompose += t1 - t0
         qfn = quantize_fn
         if grams is not None:
-            qfn = calibrate.with_gram(quantize_fn, grams.get(target, triple.smooth))
+            qfn = svdq.with_gram(quantize_fn, grams.get(target, triple.smooth))
             stats.seconds_decompose += _now(device) - t1
         metrics = {}
         for group in config_groups(grid, triple.weight.numel()):

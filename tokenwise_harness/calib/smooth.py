@@ -32,13 +32,13 @@ from tokenwise_harness.atomic import TMP_PREFIX, check_writable_dir
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.checkpoint import ModelDir, load_model
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.numerics.smoothing import ALPHA_GRID, smooth_factor
 
 SMOOTH_META_FILE = "tokenwise_smooth.json"
 FORMULA = "s_j = max|X_j|^alpha / max|W_j|^(1-alpha); W' = W*s (input dim), X' = X/s"
 FORMULA_SEARCH = ("s_j = max|X_j|^a / max|W_j|^b, (a, b) per input group minimising the output error of "
                   "{key} on the cache over a in 0.05..0.95, b in {{1-a, 0}}, and s = 1 (a = b = 0); "
                   "W' = W*s (input dim), X' = X/s")
-CLAMP = (1e-5, 1e5)
 
 
 def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096):
@@ -56,14 +56,6 @@ def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096):
     return amax
 
 
-def smooth_factor(act_amax, weight_amax, alpha: float, beta: float | None = None):
-    """The SmoothQuant factor max|X|^alpha / max|W|^beta (beta defaults to 1 - alpha)."""
-    import torch
-
-    beta = 1.0 - alpha if beta is None else beta
-    a = act_amax.double().clamp_min(CLAMP[0])
-    w = weight_amax.double().clamp_min(CLAMP[0])
-    return (a.pow(alpha) / w.pow(beta)).clamp(*CLAMP).to(torch.float32)
 
 
 def compute_factors(mdir: ModelDir, cache: XYCache, alpha: float, chunk_tokens: int = 4096) -> dict:
@@ -158,7 +150,7 @@ def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: 
     calibrate.SEARCH_RANK = 32, calibrate.SEARCH_QSPEC = nvfp4@16); on `device` (default cuda
     when present). The chosen exponents go to tokenwise_smooth.json under `alphas`.
     """
-    from tokenwise_harness import calibrate
+    from tokenwise_harness.calib import search as calibrate
 
     alpha = parse_alpha(alpha)
     if chunk_tokens <= 0:
@@ -178,8 +170,8 @@ def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: 
     meta = {"alpha": alpha, "formula": FORMULA, "source_model_fingerprint": mdir.fingerprint,
             "xy_path": str(xy_path), "xy_data_fingerprint": cache.metadata.get("data_fingerprint", "")}
     if alpha == "search":
+        from tokenwise_harness.device import pick_device
         from tokenwise_harness.grid import SvdqConfig, parse_qspec
-        from tokenwise_harness.pipeline import pick_device
 
         qspec = parse_qspec(search_qspec or calibrate.SEARCH_QSPEC, "--search_qspec")
         rank = calibrate.SEARCH_RANK if search_rank is None else int(search_rank)
@@ -189,7 +181,7 @@ def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: 
         factors, alphas = calibrate.search_factors(mdir, cache, cfg, chunk_tokens, pick_device(device),
                                                    log=None)
         meta.update(formula=FORMULA_SEARCH.format(key=cfg.key), alphas=alphas,
-                    search={"qspec": qspec.text, "rank": rank, "alpha_grid": list(calibrate.ALPHA_GRID),
+                    search={"qspec": qspec.text, "rank": rank, "alpha_grid": list(ALPHA_GRID),
                             "objective": "sum over the group's projections of tr(dW' H_s dW'^T)"})
     else:
         factors = compute_factors(mdir, cache, alpha, chunk_tokens)

@@ -24,16 +24,17 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
 from tokenwise_harness.allowlist import PROJ_ORDER
-from tokenwise_harness.cases import Case
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import GRID_MODES, parse_qspecs, parse_ranks
+from tokenwise_harness.verdict.cases import Case
 
 VERSION = 1
 # metric -> "max" (upper bound: fail above) or "min" (lower bound: fail below).
@@ -491,7 +492,7 @@ def _blk_term(item: Any, src: str, where: str) -> tuple[str, Callable[[str], boo
 
 def _format_names() -> set[str]:
     # Imported on demand: formats pulls in torch, which a rule without fmt never needs.
-    from tokenwise_harness import formats
+    from tokenwise_harness.numerics import formats
 
     return set(formats.FORMATS) | {"none"}
 

@@ -18,8 +18,8 @@ from tokenwise_harness.allowlist import iter_allowed_linears
 from tokenwise_harness.atomic import atomic_path, check_output_file, check_writable_dir, clear_leftovers
 from tokenwise_harness.cache import FORMAT_VERSION, StreamingSafetensorsWriter, have_safetensors
 from tokenwise_harness.checkpoint import ModelDir, load_model, load_tokenizer, resolve_torch_dtype
+from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.pipeline import pick_device
 
 SAVE_DTYPES = ("fp16", "fp32", "bf16")
 
@@ -47,7 +47,7 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     """Capture the cache; return its path. All flags are validated before the model loads."""
     import torch
 
-    from tokenwise_harness import data
+    from tokenwise_harness.capture import data
 
     validate_label(label)
     validate_counts(cn, eu, length)

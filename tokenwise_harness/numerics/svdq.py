@@ -16,105 +16,18 @@ matrix, once per weight, and serves every rank of a grid from it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-from tokenwise_harness import formats
 from tokenwise_harness.allowlist import iter_allowed_linears
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig, parse_key
-
-
-class LowRank:
-    """Exact top-`max_rank` SVD factors of a 2-D W, reusable for any rank r <= max_rank.
-
-    With G the smaller Gram matrix (W W^T if out <= in, else W^T W) in float64, the top
-    eigenvectors of G are the top left (resp. right) singular vectors. The other factor is
-    then read off W itself (U^T W = S V^T, or W V = U S), and the singular values are that
-    product's row (column) norms: more accurate than sqrt(eigenvalue), and never a division
-    by a zero singular value. Signs are fixed so that the largest-magnitude entry of every
-    left singular vector is positive (the svd_flip convention), so results are reproducible.
-    Everything is computed on W's device; factors are stored in `dtype`.
-    """
-
-    def __init__(self, W: torch.Tensor, max_rank: int, dtype: torch.dtype = torch.float32):
-        if W.dim() != 2:
-            raise ValueError(f"LowRank needs a 2-D weight, got shape {tuple(W.shape)}")
-        out_f, in_f = W.shape
-        self.shape = (out_f, in_f)
-        self.max_rank = max(0, min(int(max_rank), out_f, in_f))
-        self.dtype = dtype
-        U, S, Vt = _top_svd(W.detach().to(torch.float64), self.max_rank)
-        self.S = S.to(dtype)  # [max_rank], descending
-        self.L1 = (U * S).to(dtype)  # [out, max_rank] = U diag(S)
-        self.L2 = Vt.to(dtype)  # [max_rank, in] = V^T
-
-    def _check(self, r: int) -> int:
-        if not 0 <= r <= self.max_rank:
-            raise ValueError(f"rank {r} is outside 0..{self.max_rank} of this LowRank")
-        return r
-
-    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L1 [out, r], L2 [r, in]) of the rank-r truncated SVD (views, no copy)."""
-        r = self._check(r)
-        return self.L1[:, :r], self.L2[:r]
-
-    def product(self, r: int) -> torch.Tensor:
-        """L1 L2 of rank r, in `dtype` (zeros for r = 0)."""
-        L1, L2 = self.factors(r)
-        return L1 @ L2
-
-
-def _top_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r (U [out, r], S [r], V^T [r, in]) of a float64 W via its smaller Gram matrix."""
-    out_f, in_f = W.shape
-    if out_f <= in_f:
-        U = _top_eigvecs(W @ W.T, r)  # left singular vectors
-        SVt = U.T @ W  # [r, in]
-        S = SVt.norm(dim=1)
-        Vt = SVt / torch.where(S > 0, S, 1.0)[:, None]
-    else:
-        V = _top_eigvecs(W.T @ W, r)  # right singular vectors
-        US = W @ V  # [out, r]
-        S = US.norm(dim=0)
-        U = US / torch.where(S > 0, S, 1.0)
-        Vt = V.T
-    # Eigen-order and the recomputed norms can disagree for near-equal values: sort by S.
-    order = torch.argsort(S, descending=True, stable=True)
-    U, S, Vt = U[:, order], S[order], Vt[order]
-    sign = _svd_flip_sign(U)
-    return U * sign, S, Vt * sign[:, None]
-
-
-# On the CPU, eigh of a Gram matrix up to this size runs on one thread: LAPACK's threaded
-# tridiagonalisation gains nothing there and, with the cores shared (pytest -n, a busy CI
-# box), ran ~20x slower; one thread also makes the result independent of the thread count.
-SINGLE_THREAD_EIGH_MAX = 2048
-
-
-def _top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:
-    """Eigenvectors of the r largest eigenvalues of a symmetric matrix, largest first."""
-    if gram.device.type == "cpu" and gram.shape[0] <= SINGLE_THREAD_EIGH_MAX:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _, vecs = torch.linalg.eigh(gram)
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
-    n = gram.shape[0]
-    return vecs[:, n - r :].flip(-1)
-
-
-def _svd_flip_sign(U: torch.Tensor) -> torch.Tensor:
-    """+1/-1 per column making each column's largest-|.| entry positive."""
-    if U.shape[1] == 0:
-        return torch.ones(0, dtype=U.dtype, device=U.device)
-    idx = U.abs().argmax(dim=0)
-    peak = U.gather(0, idx[None, :])[0]
-    return torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
+from tokenwise_harness.numerics import formats
+from tokenwise_harness.numerics.lowrank import LowRank
+from tokenwise_harness.numerics.metrics import output_error
 
 
 def fake_quantize_weight(
@@ -158,8 +71,6 @@ def fake_quantize_weight(
         return formats.fake_quantize(Wf, cfg.fmt, cfg.blk, name=name)
 
     if cfg.iters > 1 and cfg.fmt != "none":
-        from tokenwise_harness.calibrate import iterated_lowrank
-
         return iterated_lowrank(Wf, cfg, gram, lowrank=lowrank, name=name).weight
     if lowrank is None:
         lowrank = LowRank(Wf, rank)
@@ -198,3 +109,92 @@ def fake_op(model, svdq_cfg) -> None:
         weight = module.weight
         w_new = fake_quantize_weight(weight.data, cfg, name=f"{target.path} weight")
         weight.data.copy_(w_new.to(dtype=weight.dtype))
+
+
+# An iterate must lower the best error by more than this fraction to count as an improvement:
+# below it, the difference is under the float32 rounding of the engine's own error pass.
+IMPROVE_RTOL = 1e-6
+
+
+def with_gram(quantize_fn, gram: torch.Tensor):
+    """quantize_fn(w, cfg, **kw) that also gets gram= for iterated configs (iters > 1).
+
+    One-shot configs call quantize_fn exactly as before, so a user's quantize_fn without a
+    `gram` parameter keeps working for them. W4A4 configs (afmt) cannot iterate yet: their
+    residual branch W~ − L must use the refined L, which a W~ alone does not reveal.
+    """
+
+    def fn(w, cfg, **kw):
+        if cfg.iters <= 1:
+            return quantize_fn(w, cfg, **kw)
+        if cfg.afmt is not None:
+            raise HarnessError(f"config {cfg.key}: the iterated low-rank branch (--lowrank_iters > 1) is not "
+                               "supported with activation quantization (--act_qspecs) yet; drop one of them")
+        return quantize_fn(w, cfg, gram=gram, **kw)
+
+    return fn
+
+
+@dataclass
+class IterResult:
+    """The best iterate of the refined low-rank branch."""
+
+    weight: torch.Tensor  # W~ of the best iterate, float32, on W's device
+    best_iter: int  # 0 = the one-shot branch
+    errors: list[float] = field(default_factory=list)  # tr(ΔW_k H ΔW_kᵀ) of every iterate run
+    seconds: float = 0.0
+    branch: torch.Tensor | None = None  # L of the best iterate (W~ − branch = its quantized residual)
+
+    @property
+    def iters_run(self) -> int:
+        return len(self.errors)
+
+
+def iterated_lowrank(W: torch.Tensor, cfg: SvdqConfig, gram: torch.Tensor, lowrank=None,
+                     name: str = "weight") -> IterResult:
+    """The iterated low-rank branch of one (already smoothed, when smoothing) weight.
+
+    `gram` is H of the inputs W multiplies ([in, in]; moved to W's device in float64).
+    `lowrank`, when given, is the engine's exact decomposition of W (max_rank >= rank): its
+    rank-r product is L₀, so iterate 0 is bit for bit the one-shot W~. `cfg.iters` bounds the
+    number of iterates. Everything runs on W's device.
+    """
+    started = time.perf_counter()
+    Wf = W.detach().to(torch.float32)
+    if cfg.iters < 1:
+        raise HarnessError(f"config {cfg.key}: iters must be >= 1 (1 = one-shot SVD)")
+    in_dim = Wf.shape[1]
+    if tuple(gram.shape) != (in_dim, in_dim):
+        raise ValueError(f"{name}: Gram matrix of shape {tuple(gram.shape)} does not match the weight's "
+                         f"input dim {in_dim}")
+    H = gram.to(device=Wf.device, dtype=torch.float64)
+    rank = min(cfg.rank, *Wf.shape)
+    if rank == 0 or cfg.fmt == "none":
+        w1 = fake_quantize_weight(Wf, _one_shot(cfg), lowrank=lowrank, name=name)
+        branch = None if rank == 0 else (w1 if cfg.fmt == "none" else None)
+        return IterResult(w1, 0, [output_error(w1 - Wf, H)], time.perf_counter() - started, branch)
+    formats.check_qspec(cfg.fmt, cfg.blk)
+    if lowrank is None:
+        lowrank = LowRank(Wf, rank)
+    elif lowrank.shape != tuple(Wf.shape) or lowrank.max_rank < rank:
+        raise ValueError(f"{name}: LowRank of shape {lowrank.shape} and max_rank {lowrank.max_rank} "
+                         f"cannot serve rank {rank} of a {tuple(Wf.shape)} weight")
+    branch = lowrank.product(rank).to(device=Wf.device, dtype=torch.float32)
+    best, best_err, best_iter, best_branch, errors = None, None, 0, None, []
+    q = None  # the previous iterate's quantized residual (set on the first pass)
+    for k in range(cfg.iters):
+        if k > 0:
+            branch = LowRank(Wf - q, rank).product(rank).to(device=Wf.device, dtype=torch.float32)
+        q = formats.fake_quantize(Wf - branch, cfg.fmt, cfg.blk, name=f"{name} residual")
+        w_tilde = branch + q
+        err = output_error(w_tilde - Wf, H)
+        errors.append(err)
+        if best is None or err < best_err * (1.0 - IMPROVE_RTOL):
+            best, best_err, best_iter, best_branch = w_tilde, err, k, branch
+        else:
+            break  # no improvement for one step
+    return IterResult(best, best_iter, errors, time.perf_counter() - started, best_branch)
+
+
+def _one_shot(cfg: SvdqConfig) -> SvdqConfig:
+    return SvdqConfig(cfg.rank, cfg.fmt, cfg.blk, cfg.afmt, cfg.ablk, 1)

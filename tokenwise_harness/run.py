@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from tokenwise_harness import __version__
 from tokenwise_harness.cache import XYCache
+from tokenwise_harness.calib.smooth import SMOOTH_META_FILE
 from tokenwise_harness.checkpoint import ModelDir, load_model, resolve_torch_dtype
+from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.smooth import SMOOTH_META_FILE
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
-
 
 
 def resolve_callable(spec: str, flag: str) -> Callable:
@@ -33,18 +33,6 @@ def resolve_callable(spec: str, flag: str) -> Callable:
     if not callable(fn):
         raise HarnessError(f"{flag} {spec!r}: {module_name} has no function {attr}")
     return fn
-
-
-def pick_device(device: str | None, flag: str = "--device") -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise HarnessError(f"{flag} {device}: CUDA is not available on this machine; use {flag} cpu")
-    if not (str(device) == "cpu" or str(device).startswith("cuda")):
-        raise HarnessError(f"{flag} {device!r} is unknown; use cpu, cuda or cuda:N")
-    return str(device)
 
 
 @dataclass
@@ -92,7 +80,7 @@ def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
 
 def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     """Score the grid; return the §2.5 report (not yet written)."""
-    from tokenwise_harness import report
+    from tokenwise_harness.report import document as report
 
     if spec.chunk_tokens <= 0:
         raise HarnessError(f"--chunk_tokens {spec.chunk_tokens} must be a positive token count")
@@ -128,7 +116,7 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
         "model_dir": str(spec.model_dir),
         "model_fingerprint": mdir.fingerprint,
         "configs": [c.key for c in grid],
-        "quantizer": spec.quantizer or "tokenwise_harness.svdq:fake_op",
+        "quantizer": spec.quantizer or "tokenwise_harness.numerics.svdq:fake_op",
         "engine": engine,
         "harness_version": __version__,
     }
@@ -144,7 +132,7 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
 
 def _score(spec: EvalSpec, mdir: ModelDir, cache: XYCache, grid, device, fake_op, progress):
     """Run the right engine path; return (results, a name for it)."""
-    from tokenwise_harness import evaluate
+    from tokenwise_harness import engine as evaluate
 
     if fake_op is not None:
         model = _load_for_eval(mdir, spec)
@@ -183,7 +171,7 @@ def _read_smooth_meta(mdir: ModelDir) -> dict:
 
 def _load_for_eval(mdir: ModelDir, spec: EvalSpec):
     if spec.smooth:
-        from tokenwise_harness.smooth import load_smoothed_model
+        from tokenwise_harness.calib.smooth import load_smoothed_model
 
         return load_smoothed_model(str(mdir.path))
     return load_model(mdir, spec.torch_dtype, spec.device_map)

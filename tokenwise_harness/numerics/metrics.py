@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 METRIC_NAMES = ("nmse", "sqnr_db", "token_l2_mean", "token_l2_max", "token_rel_l2_mean",
                 "token_rel_l2_max", "sse", "denom", "n_tokens")
 
@@ -72,3 +74,35 @@ def sqnr_db(nmse: float) -> float:
     if math.isinf(nmse) or math.isnan(nmse):
         return -math.inf if math.isinf(nmse) else math.nan
     return -10.0 * math.log10(nmse)
+
+
+class GramAccumulator:
+    """H = XᵀX and max_t |X_tj| of a stream of X chunks [n, in], in float64 on `device`."""
+
+    def __init__(self, in_dim: int, device="cpu"):
+        self.gram = torch.zeros(in_dim, in_dim, dtype=torch.float64, device=device)
+        self.amax = torch.zeros(in_dim, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(device=self.gram.device, dtype=torch.float64)
+        self.gram.addmm_(x.T, x)
+        if x.shape[0]:
+            self.amax = torch.maximum(self.amax, x.abs().amax(dim=0))
+        self.n_tokens += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        # XᵀX is symmetric in exact arithmetic; make it so bit for bit.
+        return (self.gram + self.gram.T) * 0.5
+
+
+def scale_gram(gram: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
+    """diag(1/s) H diag(1/s): the Gram of X / s, from the Gram of X."""
+    inv = 1.0 / smooth.to(device=gram.device, dtype=torch.float64)
+    return gram * inv[:, None] * inv[None, :]
+
+
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) = ||X ΔWᵀ||²_F in float64, for ΔW [out, in] and H = XᵀX [in, in]."""
+    d = delta.to(device=gram.device, dtype=torch.float64)
+    return max(0.0, float(((d @ gram) * d).sum()))

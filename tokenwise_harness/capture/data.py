@@ -47,8 +47,8 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 from tokenwise_harness.errors import HarnessError
 

@@ -23,7 +23,7 @@ import pytest
 
 from tokenwise_harness import __version__
 from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.report import METRIC_KEYS
+from tokenwise_harness.report.document import METRIC_KEYS
 
 PROP = "tokenwise_case"
 # Options quoted in the "create it with `pytest ... --update-baselines`" hint when set (and
@@ -89,7 +89,7 @@ class HarnessSession:
 
     def __init__(self, config):
         from tokenwise_harness.grid import GRID_MODES, build_grid, parse_qspecs, parse_ranks
-        from tokenwise_harness.thresholds import load_thresholds
+        from tokenwise_harness.verdict.thresholds import load_thresholds
 
         self.config = config
         _check_rootdir(config)
@@ -123,7 +123,7 @@ class HarnessSession:
         self.device = self._device()
         self.quantizer = opt("--quantizer")
         if self.quantizer:
-            from tokenwise_harness.pipeline import resolve_callable
+            from tokenwise_harness.run import resolve_callable
 
             self.fake_op = resolve_callable(self.quantizer, "--quantizer")
         self.update = opt("--update-baselines")
@@ -173,7 +173,7 @@ class HarnessSession:
         return variants
 
     def _device(self) -> str:
-        from tokenwise_harness.pipeline import pick_device
+        from tokenwise_harness.device import pick_device
 
         device = pick_device(self.config.getoption("--device"), "--device")
         worker = getattr(self.config, "workerinput", {}).get("workerid", "")
@@ -191,7 +191,7 @@ class HarnessSession:
     def _prepare_cache(self) -> None:
         from tokenwise_harness.cache import XYCache
         from tokenwise_harness.checkpoint import ModelDir
-        from tokenwise_harness.pipeline import check_cache_model
+        from tokenwise_harness.run import check_cache_model
 
         if self.xy_path:
             self.cache = XYCache(self.xy_path, "--xy-path")
@@ -205,8 +205,8 @@ class HarnessSession:
     def _smoothed_variant(self) -> Variant:
         """--smooth-alpha A|search: smooth --model-dir on the session's cache (once, kept beside the
         captured caches, keyed by model, data and alpha) and gate the smoothed model too."""
+        from tokenwise_harness.calib.smooth import parse_alpha, smooth
         from tokenwise_harness.checkpoint import ModelDir
-        from tokenwise_harness.smooth import parse_alpha, smooth
 
         opt = self.config.getoption
         plain = [v for v in self.variants if not v.smooth]
@@ -228,8 +228,8 @@ class HarnessSession:
         import glob
         import re
 
-        from tokenwise_harness import data
-        from tokenwise_harness.capture import cache_path, save_xy
+        from tokenwise_harness.capture import data
+        from tokenwise_harness.capture.save_xy import cache_path, save_xy
         from tokenwise_harness.checkpoint import ModelDir, load_tokenizer
 
         plain = [v for v in self.variants if not v.smooth]
@@ -281,7 +281,7 @@ class HarnessSession:
         Derived from the cache and the grid alone, so the xdist controller (which collects
         nothing) knows the same cases as its workers: stale baselines are judged against it.
         """
-        from tokenwise_harness.cases import Case
+        from tokenwise_harness.verdict.cases import Case
 
         out = []
         for variant in self.variants:
@@ -353,7 +353,7 @@ class HarnessSession:
         return same or [item.case.cfg]
 
     def _compute_weight(self, item: TokenwiseItem) -> None:
-        from tokenwise_harness import evaluate
+        from tokenwise_harness import engine as evaluate
         from tokenwise_harness.allowlist import Target
         from tokenwise_harness.checkpoint import ModelDir, load_model
 
@@ -381,8 +381,8 @@ class HarnessSession:
 
     def _user_model(self, variant: Variant, mdir):
         if variant not in self._models:
+            from tokenwise_harness.calib.smooth import load_smoothed_model
             from tokenwise_harness.checkpoint import load_model
-            from tokenwise_harness.smooth import load_smoothed_model
 
             self._models[variant] = (load_smoothed_model(mdir.path) if variant.smooth
                                      else load_model(mdir, self.config.getoption("--torch-dtype")))
@@ -390,8 +390,8 @@ class HarnessSession:
 
     # ------------------------------------------------------------ baselines
     def _store(self, variant: Variant):
-        from tokenwise_harness.baselines import BaselineStore, model_id
         from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.verdict.baselines import BaselineStore, model_id
 
         if variant not in self._stores:
             mdir = ModelDir(variant.model_dir, variant.flag)
@@ -404,8 +404,8 @@ class HarnessSession:
         """This run's provenance for a variant's baselines (computed once per variant)."""
         import torch
 
-        from tokenwise_harness.baselines import build_provenance
         from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.verdict.baselines import build_provenance
 
         if variant not in self._provenance:
             mdir = ModelDir(variant.model_dir, variant.flag)
@@ -417,7 +417,7 @@ class HarnessSession:
                 device=torch.cuda.get_device_name(self.device) if on_cuda else "cpu",
                 torch_version=torch.__version__,
                 cuda_version=torch.version.cuda if on_cuda else None,
-                cwd=self.rootdir), quantizer=self.quantizer or "tokenwise_harness.svdq:fake_op")
+                cwd=self.rootdir), quantizer=self.quantizer or "tokenwise_harness.numerics.svdq:fake_op")
         return self._provenance[variant]
 
     # ------------------------------------------------------------ recording (controller side)
@@ -469,7 +469,7 @@ class HarnessSession:
         """
         from _pytest.mark.expression import Expression
 
-        from tokenwise_harness.cases import parse_case_id
+        from tokenwise_harness.verdict.cases import parse_case_id
 
         case = parse_case_id(case_id)
         if case is None or case.cfg not in self.grid:
@@ -493,7 +493,7 @@ class HarnessSession:
         return args
 
     def _write_report(self) -> None:
-        from tokenwise_harness import report
+        from tokenwise_harness.report import document as report
 
         results: dict = {}
         cases: dict = {}
@@ -509,7 +509,7 @@ class HarnessSession:
                 "ranks": self.ranks, "qspecs": [[q.fmt, str(q.blk)] for q in self.qspecs],
                 "smooth": variant.smooth, "chunk_tokens": self.chunk_tokens,
                 "configs": [c.key for c in self.grid], "model_dir": variant.model_dir,
-                "quantizer": self.quantizer or "tokenwise_harness.svdq:fake_op", "harness_version": __version__}
+                "quantizer": self.quantizer or "tokenwise_harness.numerics.svdq:fake_op", "harness_version": __version__}
         rep = report.build_report(meta, results)
         rep["cases"] = cases
         report.write_report(rep, Path(self.report_path), flag="--tokenwise-report")
@@ -604,7 +604,7 @@ def _dist_given(config) -> bool:
 
 def weight_group(nodeid: str) -> str | None:
     """The weight a tokenwise item's nodeid scores (`tokenwise::<case id>[@group]`), else None."""
-    from tokenwise_harness.cases import parse_case_id
+    from tokenwise_harness.verdict.cases import parse_case_id
 
     prefix = "tokenwise::"
     if not nodeid.startswith(prefix):

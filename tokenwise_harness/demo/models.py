@@ -75,7 +75,7 @@ def _pre_tokenizer():
     ])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_tokenizer_json(vocab_size: int) -> str:
     """Train the byte-level BPE once per process and vocab size; return it serialised.
 
@@ -83,7 +83,7 @@ def _trained_tokenizer_json(vocab_size: int) -> str:
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    from tokenwise_harness.data import load_corpus
+    from tokenwise_harness.capture.data import load_corpus
 
     corpus = load_corpus()
     texts = [s for lang in sorted(corpus) for s in corpus[lang]]
@@ -186,7 +186,7 @@ def _pick(generator, n: int, k: int) -> list[int]:
 
 def _calibration_batch(tokenizer) -> dict:
     """A small fixed batch to measure activations on (its own seed: tests sample seed 0)."""
-    from tokenwise_harness.data import get_veri_data
+    from tokenwise_harness.capture.data import get_veri_data
 
     return get_veri_data(tokenizer, CALIBRATION_SEED, 8, 64, 8, 64, "cpu")
 

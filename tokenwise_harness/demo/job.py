@@ -90,7 +90,7 @@ def _resolve_model(out: Path, model: str, model_dir, gguf, log, family: str = "q
                 "running on the random-weight demo model instead (--model random)")
             model = RANDOM
     if model == RANDOM:
-        from tokenwise_harness.demo_models import make_demo_model
+        from tokenwise_harness.demo.models import make_demo_model
 
         path = out / f"model-{family}"
         if not (path / "config.json").is_file():
@@ -145,11 +145,11 @@ def _run_demo(out, model, model_dir, gguf, ranks, qspecs, cn, eu, length, grid_m
               readme, family, log) -> dict[str, Path]:
     import torch
 
-    from tokenwise_harness import report
-    from tokenwise_harness.analyze import analyze
-    from tokenwise_harness.capture import save_xy
-    from tokenwise_harness.pipeline import EvalSpec, run_eval
-    from tokenwise_harness.smooth import smooth
+    from tokenwise_harness.calib.smooth import smooth
+    from tokenwise_harness.capture.save_xy import save_xy
+    from tokenwise_harness.report import document as report
+    from tokenwise_harness.report.analyze import analyze
+    from tokenwise_harness.run import EvalSpec, run_eval
 
     if harness_config is not None:
         h_rank, h_qspec = _parse_harness_config(harness_config)
@@ -238,8 +238,8 @@ def _write(report, result, path: Path, log) -> Path:
 def _same_smoothing(smoothed: Path, model_dir, cache: Path, alpha: float) -> bool:
     """Whether a smoothed dir left by an earlier demo run is what smoothing now would write."""
     from tokenwise_harness.cache import XYCache
+    from tokenwise_harness.calib.smooth import SMOOTH_META_FILE
     from tokenwise_harness.checkpoint import ModelDir
-    from tokenwise_harness.smooth import SMOOTH_META_FILE
 
     try:
         meta = json.loads((smoothed / SMOOTH_META_FILE).read_text(encoding="utf-8"))
@@ -340,7 +340,7 @@ def run_harness(rootdir: Path, model_dir: Path, smooth_dir: Path | None, xy_path
 def _check_harness(harness_report: Path, plain: dict, log) -> None:
     """The harness scores with the same engine as eval_fake / eval_smooth: the numbers must agree."""
     data = json.loads(harness_report.read_text())
-    from tokenwise_harness.report import iter_metrics
+    from tokenwise_harness.report.document import iter_metrics
 
     ref = {(l, b, p, c): m["nmse"] for l, b, p, c, m in iter_metrics(plain)}
     worst, n = 0.0, 0
@@ -362,7 +362,7 @@ def _check_harness(harness_report: Path, plain: dict, log) -> None:
 # ------------------------------------------------------------------ SUMMARY.md
 
 def _nmse_table(report: dict) -> dict[str, list[float]]:
-    from tokenwise_harness.report import iter_metrics, report_configs
+    from tokenwise_harness.report.document import iter_metrics, report_configs
 
     table: dict[str, list[float]] = {c: [] for c in report_configs(report)}
     for _l, _b, _p, cfg, m in iter_metrics(report):
@@ -372,7 +372,7 @@ def _nmse_table(report: dict) -> dict[str, list[float]]:
 
 
 def _by_case(report: dict) -> dict[tuple, float]:
-    from tokenwise_harness.report import iter_metrics
+    from tokenwise_harness.report.document import iter_metrics
 
     return {(l, b, p, c): m["nmse"] for l, b, p, c, m in iter_metrics(report)}
 
@@ -389,7 +389,7 @@ def _cfg_label(cfg: str) -> str:
 def outlier_ratios(cache_path: Path) -> list[tuple[float, str]]:
     """(max_j a_j / median_j a_j, input group) per shared input, a_j = max_t |X_tj|; largest first."""
     from tokenwise_harness.cache import XYCache
-    from tokenwise_harness.smooth import activation_absmax
+    from tokenwise_harness.calib.smooth import activation_absmax
 
     cache = XYCache(cache_path)
     seen: dict[str, tuple[float, list]] = {}
@@ -421,7 +421,7 @@ def weight_side_errors(model_dir: Path, ranks=(16, 32)) -> dict[str, list[float]
     import torch
 
     from tokenwise_harness.checkpoint import ModelDir
-    from tokenwise_harness.formats import fake_quantize
+    from tokenwise_harness.numerics.formats import fake_quantize
 
     mdir = ModelDir(model_dir)
     q41 = "Q4_1's own recipe @32 (min offset, 15 steps)"
@@ -451,8 +451,8 @@ def _e(x: float) -> str:
 
 def build_summary(kind: str, model_path: Path, paths: dict, plain: dict, smoothed: dict, timings: dict,
                   harness_note: str | None, focus_cfg: str) -> str:
-    from tokenwise_harness.analyze import ranking1
     from tokenwise_harness.checkpoint import ModelDir
+    from tokenwise_harness.report.analyze import ranking1
 
     cfg_json = ModelDir(model_path).config
     meta = plain["meta"]["xy_meta"]

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from tokenwise_harness.allowlist import ALLOWED, PROJ_ORDER
 from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
@@ -46,7 +47,7 @@ AGG_KEYS = ("nmse_mean_over_proj", "nmse_max_over_proj", "n_proj")
 BLOCK_ORDER = ("self_attn", "mlp")
 RUN_KEY = "run"  # meta[RUN_KEY]: run-specific info, ignored when comparing reports
 
-_SCHEMA_FILE = "schema/report.schema.json"
+_SCHEMA_FILE = "report/schema/report.schema.json"
 
 
 # ---------------------------------------------------------------- numbers

@@ -44,16 +44,18 @@ import numbers
 import re
 import subprocess
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
-from tokenwise_harness.cases import Case
 from tokenwise_harness.errors import HarnessError
+
 # report.py's canonical-JSON helpers: the same one-line-per-leaf text and key order as the report.
-from tokenwise_harness.report import METRIC_KEYS, _ordered, _to_text, finite_or_none
-from tokenwise_harness.thresholds import (
+from tokenwise_harness.report.document import METRIC_KEYS, _ordered, _to_text, finite_or_none
+from tokenwise_harness.verdict.cases import Case
+from tokenwise_harness.verdict.thresholds import (
     METRICS,
     Thresholds,
     display_path,

@@ -49,7 +49,7 @@ def _session(config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "tokenwise: a generated tokenwise precision case")
     if any(config.getoption(name) for name in HARNESS_OPTIONS):
-        from tokenwise_harness.session import HarnessSession
+        from tokenwise_harness.pytest_plugin.session import HarnessSession
 
         config.stash[_SESSION] = HarnessSession.start(config)
 

@@ -1,0 +1,101 @@
+"""The exact top-r decomposition of a weight: one float64 Gram eigendecomposition per weight.
+
+The low-rank branch must be the exact top-r subspace (DESIGN.md: randomized SVD is off by
+7-48% on real MLP weights). `LowRank` gets it from a float64 eigendecomposition of the smaller
+Gram matrix, once per weight, and serves every rank of a grid from it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LowRank:
+    """Exact top-`max_rank` SVD factors of a 2-D W, reusable for any rank r <= max_rank.
+
+    With G the smaller Gram matrix (W W^T if out <= in, else W^T W) in float64, the top
+    eigenvectors of G are the top left (resp. right) singular vectors. The other factor is
+    then read off W itself (U^T W = S V^T, or W V = U S), and the singular values are that
+    product's row (column) norms: more accurate than sqrt(eigenvalue), and never a division
+    by a zero singular value. Signs are fixed so that the largest-magnitude entry of every
+    left singular vector is positive (the svd_flip convention), so results are reproducible.
+    Everything is computed on W's device; factors are stored in `dtype`.
+    """
+
+    def __init__(self, W: torch.Tensor, max_rank: int, dtype: torch.dtype = torch.float32):
+        if W.dim() != 2:
+            raise ValueError(f"LowRank needs a 2-D weight, got shape {tuple(W.shape)}")
+        out_f, in_f = W.shape
+        self.shape = (out_f, in_f)
+        self.max_rank = max(0, min(int(max_rank), out_f, in_f))
+        self.dtype = dtype
+        U, S, Vt = _top_svd(W.detach().to(torch.float64), self.max_rank)
+        self.S = S.to(dtype)  # [max_rank], descending
+        self.L1 = (U * S).to(dtype)  # [out, max_rank] = U diag(S)
+        self.L2 = Vt.to(dtype)  # [max_rank, in] = V^T
+
+    def _check(self, r: int) -> int:
+        if not 0 <= r <= self.max_rank:
+            raise ValueError(f"rank {r} is outside 0..{self.max_rank} of this LowRank")
+        return r
+
+    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L1 [out, r], L2 [r, in]) of the rank-r truncated SVD (views, no copy)."""
+        r = self._check(r)
+        return self.L1[:, :r], self.L2[:r]
+
+    def product(self, r: int) -> torch.Tensor:
+        """L1 L2 of rank r, in `dtype` (zeros for r = 0)."""
+        L1, L2 = self.factors(r)
+        return L1 @ L2
+
+
+def _top_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r (U [out, r], S [r], V^T [r, in]) of a float64 W via its smaller Gram matrix."""
+    out_f, in_f = W.shape
+    if out_f <= in_f:
+        U = _top_eigvecs(W @ W.T, r)  # left singular vectors
+        SVt = U.T @ W  # [r, in]
+        S = SVt.norm(dim=1)
+        Vt = SVt / torch.where(S > 0, S, 1.0)[:, None]
+    else:
+        V = _top_eigvecs(W.T @ W, r)  # right singular vectors
+        US = W @ V  # [out, r]
+        S = US.norm(dim=0)
+        U = US / torch.where(S > 0, S, 1.0)
+        Vt = V.T
+    # Eigen-order and the recomputed norms can disagree for near-equal values: sort by S.
+    order = torch.argsort(S, descending=True, stable=True)
+    U, S, Vt = U[:, order], S[order], Vt[order]
+    sign = _svd_flip_sign(U)
+    return U * sign, S, Vt * sign[:, None]
+
+
+# On the CPU, eigh of a Gram matrix up to this size runs on one thread: LAPACK's threaded
+# tridiagonalisation gains nothing there and, with the cores shared (pytest -n, a busy CI
+# box), ran ~20x slower; one thread also makes the result independent of the thread count.
+SINGLE_THREAD_EIGH_MAX = 2048
+
+
+def _top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:
+    """Eigenvectors of the r largest eigenvalues of a symmetric matrix, largest first."""
+    if gram.device.type == "cpu" and gram.shape[0] <= SINGLE_THREAD_EIGH_MAX:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _, vecs = torch.linalg.eigh(gram)
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    n = gram.shape[0]
+    return vecs[:, n - r :].flip(-1)
+
+
+def _svd_flip_sign(U: torch.Tensor) -> torch.Tensor:
+    """+1/-1 per column making each column's largest-|.| entry positive."""
+    if U.shape[1] == 0:
+        return torch.ones(0, dtype=U.dtype, device=U.device)
+    idx = U.abs().argmax(dim=0)
+    peak = U.gather(0, idx[None, :])[0]
+    return torch.where(peak < 0, -1.0, 1.0).to(U.dtype)
