@@ -13,6 +13,7 @@ from tokenwise_harness.allowlist import PROJ_ORDER
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.report import analyze as an
 from tokenwise_harness.report import document as rp
+from tokenwise_harness.report import plots
 
 BLOCKS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 BLOCK_OF = {p: b for b, projs in BLOCKS.items() for p in projs}
@@ -157,21 +158,82 @@ def test_heatmap_is_a_sensible_png(report_path, tmp_path):
     assert 400 <= width <= 3000 and 250 <= height <= 3000
 
 
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_title()]  # the colorbar's axes has no title
+
+
 def test_heatmap_caps_panels(tmp_path):
     cfgs = [f"rank={r};fmt=nvfp4;blk=128" for r in range(1, 16)]
     path = rp.write_report(make_report(n_layers=2, cfgs=cfgs), tmp_path / "r.json")
     an.analyze(path, tmp_path / "out")
-    assert an._heatmap_title(rp.load_report(path), 12, 15).count("12 of 15") == 1
+    fig = plots.heatmap_figure(rp.load_report(path))
+    assert [ax.get_title() for ax in _panels(fig)] == cfgs[:12]
+    assert "showing 12 of 15 configs" in fig.get_suptitle()
     width, height = png_size(tmp_path / "out" / "heatmap.png")
     assert width <= 3000 and height <= 3000
 
 
 def test_grid_values_are_log10(tmp_path):
     report = make_report(n_layers=2, cfgs=CFGS[:1])
-    layers, grids = an._grid_values(report, CFGS[:1])
+    layers, grids = plots.grid_values(report, CFGS[:1])
     nmse = report["by_layer"]["1"]["mlp"]["by_proj"]["down_proj"][CFGS[0]]["nmse"]
     assert layers == [0, 1]
     assert grids[CFGS[0]][1][PROJ_ORDER.index("down_proj")] == pytest.approx(math.log10(nmse))
+
+
+def test_every_layer_is_labelled_and_no_panel_is_empty():
+    """30 layers (SmolLM2's count): every panel labels all 30; a config without any finite
+    nmse is not drawn (named in the title), and the grid has no blank axes left over."""
+    report = make_report(n_layers=30, cfgs=CFGS)
+    for by_block in report["by_layer"].values():
+        for block in by_block.values():
+            for per_cfg in block["by_proj"].values():
+                per_cfg[CFGS[3]]["nmse"] = None
+    fig = plots.heatmap_figure(report)
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == CFGS[:3]
+    assert len(fig.axes) == len(panels) + 1  # + the colorbar, nothing empty
+    for ax in panels:
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(i) for i in range(30)]
+    assert f"not drawn (no data): {CFGS[3]}" in fig.get_suptitle()
+    assert "log10(nmse)" in fig.axes[-1].get_ylabel()
+
+
+def test_shared_color_scale_across_reports(tmp_path):
+    """Two reports analyzed with one scale carry the same scale in their PNGs; it spans both
+    reports' values (at most LOG_SPAN decades below the worst)."""
+    a, b = make_report(seed=1), make_report(seed=2)
+    for by_block in b["by_layer"].values():  # b much worse, and one exact case far below
+        for block in by_block.values():
+            for per_cfg in block["by_proj"].values():
+                for m in per_cfg.values():
+                    m["nmse"] *= 10
+    b["by_layer"]["0"]["self_attn"]["by_proj"]["k_proj"][CFGS[0]]["nmse"] = 1e-17
+    values = [math.log10(m["nmse"]) for r in (a, b) for *_k, m in rp.iter_metrics(r)]
+    vmin, vmax = plots.color_limits(a, b)
+    assert vmax == pytest.approx(max(values))
+    assert vmin == pytest.approx(max(min(values), vmax - plots.LOG_SPAN))
+    pa = an.analyze(rp.write_report(a, tmp_path / "a.json"), tmp_path / "a", vlim=(vmin, vmax))
+    pb = an.analyze(rp.write_report(b, tmp_path / "b.json"), tmp_path / "b", vlim=(vmin, vmax))
+    scales = [plots.png_text(p.read_bytes())[plots.COLOR_SCALE_KEY] for p in pa + pb if p.suffix == ".png"]
+    assert len(scales) == 2 and scales[0] == scales[1] == f"{vmin!r} {vmax!r}"
+    # alone, each report would get its own scale
+    assert plots.color_limits(a) != plots.color_limits(b)
+
+
+def test_delta_heatmap_is_log10_ratio_centred_at_zero():
+    a, b = make_report(seed=1), make_report(seed=2)
+    layers, cfgs, grids = plots.delta_values(a, b)
+    assert layers == list(range(5)) and cfgs == CFGS
+    na = a["by_layer"]["3"]["mlp"]["by_proj"]["up_proj"][CFGS[1]]["nmse"]
+    nb = b["by_layer"]["3"]["mlp"]["by_proj"]["up_proj"][CFGS[1]]["nmse"]
+    assert grids[CFGS[1]][3][PROJ_ORDER.index("up_proj")] == pytest.approx(math.log10(nb / na))
+    fig = plots.delta_figure(a, b, "no calibration", "smoothed")
+    image = _panels(fig)[0].images[0]
+    lo, hi = image.get_clim()
+    assert lo == -hi and hi > 0  # diverging scale centred at 0
+    assert image.get_cmap().name.startswith("RdBu_r")
+    assert "log10(nmse smoothed / nmse no calibration)" in fig.axes[-1].get_ylabel()
 
 
 @pytest.mark.parametrize("content", ["{broken", '{"meta": {}, "by_layer": {}}'])

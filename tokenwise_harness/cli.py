@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="Ranking-1 / Ranking-2 CSV + Markdown and a heatmap from a report")
     p.add_argument("--report", required=True)
     p.add_argument("--out_dir", required=True)
+    p.add_argument("--html", action="store_true",
+                   help="also write OUT_DIR/report.html: one self-contained page (heatmap, sortable table of every "
+                        "case with its verdict, limit and baseline), e.g. analyze --report r.json --out_dir a --html")
 
     p = sub.add_parser("make-demo-model", help="build a small random-weight model + tokenizer offline")
     p.add_argument("--family", default="qwen3", help="qwen3, llama or qwen2")
@@ -215,7 +218,7 @@ def cmd_smooth(a) -> int:
 def cmd_analyze(a) -> int:
     from tokenwise_harness.report.analyze import analyze
 
-    for path in analyze(a.report, a.out_dir):
+    for path in analyze(a.report, a.out_dir, html=a.html):
         print(path)
     return 0
 

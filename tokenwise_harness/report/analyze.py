@@ -4,7 +4,10 @@ Outputs in out_dir (each written atomically):
 - ranking1.csv / ranking1.md  Ranking-1: per config, layer-blocks ranked by the block's
   agg nmse_mean_over_proj, and again by nmse_max_over_proj (column `order_by`).
 - ranking2.csv / ranking2.md  Ranking-2: per config, every projection ranked by nmse.
-- heatmap.png                 log10(nmse), layers x projections, one panel per config.
+- heatmap.png                 log10(nmse), layers x projections, one panel per config
+                              (report/plots.py).
+- report.html (--html)        one self-contained page: heatmap, sortable table of every case
+                              (report/html.py).
 
 Rankings put the most sensitive (largest nmse) first; a null (non-finite) nmse ranks above
 every number, since it flags a broken case; ties keep forward order (layer, block, proj).
@@ -16,21 +19,17 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tokenwise_harness.allowlist import PROJ_ORDER
-from tokenwise_harness.atomic import atomic_path, check_writable_dir, write_text_atomic
+from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.report.document import BLOCK_ORDER, iter_agg, iter_metrics, load_report, report_configs
 
 MD_MAX_ROWS = 50
-MAX_PANELS = 12
-ANNOTATE_MAX_LAYERS = 8  # heatmap cells carry their nmse value up to this many layers
 
 RANK1_COLUMNS = (
     "config", "order_by", "rank", "layer", "block", "nmse_mean_over_proj", "nmse_max_over_proj",
@@ -43,8 +42,11 @@ RANK2_COLUMNS = (
 RANK1_ORDERS = ("nmse_mean_over_proj", "nmse_max_over_proj")
 
 
-def analyze(report_path: str | Path, out_dir: str | Path, flag: str = "--report") -> list[Path]:
-    """Write the rankings (CSV + Markdown) and the heatmap; return the paths written."""
+def analyze(report_path: str | Path, out_dir: str | Path, flag: str = "--report", html: bool = False,
+            vlim: tuple[float, float] | None = None, label: str | None = None) -> list[Path]:
+    """Write the rankings (CSV + Markdown), the heatmap and (html) report.html; return the paths
+    written. vlim: a color scale shared with other reports (plots.color_limits); label: what
+    this report is (e.g. "no calibration"), shown in the pictures' titles."""
     report = load_report(report_path, flag)
     if not any(True for _ in iter_metrics(report)):
         raise HarnessError(f"{flag}: {report_path} has no projections under by_layer; nothing to analyze")
@@ -57,9 +59,14 @@ def analyze(report_path: str | Path, out_dir: str | Path, flag: str = "--report"
         _write_csv(out_dir / "ranking2.csv", RANK2_COLUMNS, rank2),
         _write_md(out_dir / "ranking2.md", _ranking2_md(rank2, title)),
     ]
-    png = write_heatmap(report, out_dir / "heatmap.png")
+    png = write_heatmap(report, out_dir / "heatmap.png", vlim=vlim, label=label)
     if png is not None:
         written.append(png)
+    if html:
+        from tokenwise_harness.report.html import write_html
+
+        written.append(write_html(report, out_dir / "report.html", "--out_dir", source=str(report_path),
+                                  vlim=vlim, label=label))
     return written
 
 
@@ -211,93 +218,12 @@ def _source_line(report: Mapping, report_path: Any) -> str:
 
 # ---------------------------------------------------------------- heatmap
 
-def _grid_values(report: Mapping, cfgs: list[str]) -> tuple[list[int], dict]:
-    """Layers present and {cfg: rows x 7 of log10(nmse) or None (missing, zero, null)}."""
-    cases = list(iter_metrics(report))
-    layers = sorted({c[0] for c in cases})
-    grids = {cfg: [[None] * len(PROJ_ORDER) for _ in layers] for cfg in cfgs}
-    for layer, _block, proj, cfg, m in cases:
-        if cfg in grids and m["nmse"] is not None and m["nmse"] > 0:
-            grids[cfg][layers.index(layer)][PROJ_ORDER.index(proj)] = math.log10(m["nmse"])
-    return layers, grids
+def write_heatmap(report: Mapping, path: Path, vlim: tuple[float, float] | None = None,
+                  label: str | None = None, flag: str = "--out_dir") -> Path | None:
+    """heatmap.png: log10(nmse), layers x projections, one panel per config (report/plots.py)."""
+    from tokenwise_harness.report import plots
 
-
-def _color_limits(grids: dict) -> tuple[float, float]:
-    values = [v for g in grids.values() for row in g for v in row if v is not None]
-    if not values:
-        return -1.0, 0.0
-    lo, hi = min(values), max(values)
-    return (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
-
-
-def write_heatmap(report: Mapping, path: Path, max_panels: int = MAX_PANELS) -> Path | None:
-    """heatmap.png: log10(nmse), layers x projections, one panel per config (at most max_panels)."""
-    try:
-        import numpy as np
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn("analyze: matplotlib is not installed, heatmap.png skipped; "
-                      "pip install 'tokenwise-harness[plots]'", stacklevel=2)
+    if not plots.matplotlib_available("analyze"):
         return None
-    all_cfgs = report_configs(report)
-    cfgs = all_cfgs[:max_panels]
-    layers, grids = _grid_values(report, cfgs)
-    vmin, vmax = _color_limits(grids)
-    ncols = min(len(cfgs), 4)
-    nrows = math.ceil(len(cfgs) / ncols)
-    panel_h = min(9.0, max(2.4, 1.1 + 0.22 * len(layers)))
-    fig = Figure(figsize=(1.0 + 3.0 * ncols, 0.9 + panel_h * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    cmap = _cmap()
-    image = None
-    for ax, cfg in zip(axes, cfgs):
-        data = np.ma.masked_invalid(np.array(grids[cfg], dtype=float))
-        image = ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-        _style_panel(ax, cfg, layers)
-        if len(layers) <= ANNOTATE_MAX_LAYERS:
-            _annotate(ax, grids[cfg], (vmin + vmax) / 2)
-    for ax in axes[len(cfgs):]:
-        ax.set_visible(False)
-    fig.colorbar(image, ax=list(axes[: len(cfgs)]), label="log10(nmse)  (higher = more error)",
-                 shrink=0.7, aspect=35)
-    fig.suptitle(_heatmap_title(report, len(cfgs), len(all_cfgs)), fontsize=11)
-    with atomic_path(path, "--out_dir") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return path
-
-
-def _cmap():
-    from matplotlib import colormaps
-
-    return colormaps["viridis"].with_extremes(bad="#d0d0d0")
-
-
-def _style_panel(ax, cfg: str, layers: list[int]) -> None:
-    step = 1 if len(layers) <= 24 else math.ceil(len(layers) / 24)
-    ax.set_title(cfg, fontsize=9)
-    ax.set_xticks(range(len(PROJ_ORDER)))
-    ax.set_xticklabels([p.removesuffix("_proj") for p in PROJ_ORDER], fontsize=8)
-    ax.set_yticks(range(0, len(layers), step))
-    ax.set_yticklabels([str(layers[i]) for i in range(0, len(layers), step)], fontsize=8)
-    if ax.get_subplotspec().is_first_col():
-        ax.set_ylabel("layer", fontsize=8)
-    ax.axvline(3.5, color="white", linewidth=2)  # self_attn | mlp
-
-
-def _annotate(ax, grid: list[list[float | None]], midpoint: float) -> None:
-    """Write each cell's nmse into it (small grids only); light text on the dark end of viridis."""
-    for row, values in enumerate(grid):
-        for col, value in enumerate(values):
-            if value is not None:
-                color = "white" if value < midpoint else "black"
-                ax.text(col, row, f"{10 ** value:.1e}", ha="center", va="center", fontsize=6, color=color)
-
-
-def _heatmap_title(report: Mapping, shown: int, total: int) -> str:
-    meta = report["meta"]
-    title = (f"NMSE per projection (color: log10) · cache {os.path.basename(meta['xy_path'])} · "
-             f"smooth={str(meta['smooth']).lower()}")
-    note = "\ngray: no data, or nmse zero / not finite"
-    if shown < total:
-        note += f" · showing the first {shown} of {total} configs (all are in the rankings)"
-    return title + note
+    fig = plots.heatmap_figure(report, vlim=vlim, label=label)
+    return None if fig is None else plots.write_png(fig, path, flag)
