@@ -11,6 +11,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "TOKENWISE_CACHE_DIR" not in os.environ:  # digest memo + low-rank store: one per test run, not ~/.cache
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TOKENWISE_CACHE_DIR"] = _MEMO_DIR = tempfile.mkdtemp(prefix="tokenwise-memo-")
+    atexit.register(shutil.rmtree, _MEMO_DIR, True)
 
 DEMO_FAMILIES = ("qwen3", "llama", "qwen2")
 

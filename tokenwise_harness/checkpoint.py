@@ -2,8 +2,10 @@
 
 The engine reads allowlisted weights straight from the checkpoint's safetensors shards,
 one tensor at a time, without instantiating the model (a 70B model never has to fit in RAM).
-The fingerprint covers config.json and every weight file, so any change of any weight
-(norms and embeddings included: they shape the cached X) makes a cache stale.
+The fingerprint covers config.json and every weight file the model loads (the index's shards,
+or model.safetensors; never a stray file beside them), so any change of any weight (norms and
+embeddings included: they shape the cached X) makes a cache stale. File digests are memoized
+on disk (memo.py), so a rerun on an unchanged checkpoint reads no weight bytes for it.
 """
 
 from __future__ import annotations
@@ -19,21 +21,18 @@ from tokenwise_harness.errors import HarnessError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # config.json fields that change without changing the model's function.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
-
-
-_FILE_DIGESTS: dict[tuple, bytes] = {}
+# What transformers' from_pretrained loads, in its order of preference: a single file, or an
+# index whose weight_map names the shards. Nothing else in the dir is a weight file.
+LOADED_WEIGHTS = (("model.safetensors", None), ("model.safetensors.index.json", "index"),
+                  ("pytorch_model.bin", None), ("pytorch_model.bin.index.json", "index"))
 
 
 def _file_sha256(path: Path) -> bytes:
-    """sha256 of a weight file, memoized per process by (path, size, mtime): one model dir is
-    opened several times per run (CLI checks, the pytest session's variants and stores), and
-    hashing a large checkpoint more than once would dominate start-up."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        with open(path, "rb") as fh:
-            _FILE_DIGESTS[key] = hashlib.file_digest(fh, "sha256").digest()
-    return _FILE_DIGESTS[key]
+    """sha256 of a weight file: memoized in this process and on disk by (path, inode, size,
+    mtime_ns), so a rerun on an unchanged checkpoint reads no weight bytes (memo.file_digest)."""
+    from tokenwise_harness.memo import file_digest
+
+    return bytes.fromhex(file_digest(path))
 
 
 class ModelDir:
@@ -49,7 +48,8 @@ class ModelDir:
         if not (self.path / "config.json").is_file():
             raise HarnessError(f"{flag} {self.path} has no config.json; it is not a Hugging Face model directory")
         if not self.weight_files:
-            raise HarnessError(f"{flag} {self.path} has no weight files (*.safetensors or *.bin)")
+            raise HarnessError(f"{flag} {self.path} has no weight files (model.safetensors, "
+                               "model.safetensors.index.json or pytorch_model.bin)")
         self.safetensors_index  # noqa: B018  (a corrupt shard fails here in one line, naming the file)
 
     @cached_property
@@ -61,7 +61,35 @@ class ModelDir:
 
     @cached_property
     def weight_files(self) -> list[Path]:
-        return sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+        """The files the model loads, as transformers picks them: model.safetensors, else the
+        shards model.safetensors.index.json names, else pytorch_model.bin (or its index's shards).
+        Stray files beside them (an old shard, a cache saved into the dir) are never read."""
+        for name, kind in LOADED_WEIGHTS:
+            f = self.path / name
+            if not f.is_file():
+                continue
+            if kind is None:
+                return [f]
+            return [self.path / shard for shard in sorted(set(self._weight_map(f).values()))]
+        return []
+
+    def _weight_map(self, index_file: Path) -> dict[str, str]:
+        """tensor name -> shard file name, from an index file (validated)."""
+        try:
+            data = json.loads(index_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise HarnessError(f"{self.flag}: {index_file} is not valid JSON ({exc}); re-save the model") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(v, str) and v and "/" not in v and "\\" not in v and v not in (".", "..")
+                for v in weight_map.values()):
+            raise HarnessError(f"{self.flag}: {index_file} has no valid weight_map (tensor name -> shard file "
+                               "in this dir); re-save the model")
+        for shard in sorted(set(weight_map.values())):
+            if not (self.path / shard).is_file():
+                raise HarnessError(f"{self.flag}: {index_file} names shard {shard}, which is missing from "
+                                   f"{self.path}; copy the whole checkpoint")
+        return weight_map
 
     @property
     def name(self) -> str:
@@ -80,21 +108,41 @@ class ModelDir:
 
     @cached_property
     def safetensors_index(self) -> dict[str, Path] | None:
-        """tensor name -> shard file, or None when the checkpoint is not (only) safetensors."""
+        """tensor name -> shard file, or None when the checkpoint is not safetensors.
+
+        With an index file, its weight_map decides which shard holds a tensor (a tensor that
+        also sits in another file is read from the named shard only)."""
         shards = [f for f in self.weight_files if f.suffix == ".safetensors"]
         if not shards:
             return None
         from safetensors import safe_open
 
+        index_file = self.path / "model.safetensors.index.json"
+        named = (self._weight_map(index_file) if len(shards) > 1 or shards[0].name != "model.safetensors"
+                 else None)
         index: dict[str, Path] = {}
         for shard in shards:
             try:
                 with safe_open(str(shard), framework="pt") as fh:
                     for key in fh.keys():
-                        index[key] = shard
+                        if named is None or named.get(key) == shard.name:
+                            index[key] = shard
             except Exception as exc:  # safetensors raises its own error types
                 raise HarnessError(f"{self.flag}: weight file {shard} is unreadable ({exc}); re-save the model") from None
+        if named is not None:
+            absent = sorted(set(named) - set(index))
+            if absent:
+                raise HarnessError(f"{self.flag}: {index_file} places {absent[0]} in {named[absent[0]]}, which does "
+                                   "not hold it; re-save the model")
         return index
+
+    def tensor_id(self, name: str) -> str | None:
+        """A content id of one stored tensor (its file's digest and its name), None if absent.
+        Costs no hashing beyond the fingerprint's own (memoized) file digests."""
+        shard = (self.safetensors_index or {}).get(name)
+        if shard is None:
+            return None
+        return f"{_file_sha256(shard).hex()}:{name}"
 
     def targets(self) -> list[Target]:
         """Allowlisted projections whose weights the shards hold, in forward order."""

@@ -14,6 +14,12 @@ With smoothing (eval_smooth) the stored weight is already W·diag(s) and X is di
 Walk order: weight by weight (read from the checkpoint's safetensors shards, no model is
 instantiated), one low-rank decomposition per weight shared by every rank, all ΔW of the
 grid resident together while the X chunks stream past, so X is read once per weight.
+
+Decompositions are never redone: a checkpoint weight's factors are kept in a content-keyed
+store (memo.LowRankStore: keyed by the weight's and smoothing's content ids, the rank and
+iters), so a rerun on unchanged weights does no eigendecomposition. On CUDA the next weights
+are read and decomposed (or loaded from the store) on worker threads with their own CUDA
+streams while X streams for the current one.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ class WeightTriple:
 class EngineStats:
     weights: int = 0
     configs: int = 0
-    decompositions: int = 0
+    decompositions: int = 0  # computed here (eigendecompositions)
+    decompositions_loaded: int = 0  # served by the low-rank store
     seconds_decompose: float = 0.0
     seconds_quantize: float = 0.0
     seconds_error: float = 0.0
@@ -63,12 +70,20 @@ class CheckpointWeights:
     def targets(self) -> list[Target]:
         return self.model_dir.targets()
 
+    def content_id(self, target: Target) -> tuple[str, str | None] | None:
+        """(weight id, smoothing id): what the weight's low-rank factors depend on (memo keys)."""
+        weight_id = self.model_dir.tensor_id(target.path + ".weight")
+        if weight_id is None:
+            return None
+        return weight_id, self.model_dir.tensor_id(target.path + ".smooth_factor") if self.smooth else None
+
     def get(self, target: Target, device) -> WeightTriple:
         import torch
 
-        w = self.model_dir.read(target.path + ".weight")
-        b = self.model_dir.read(target.path + ".bias")
-        s = self.model_dir.read(target.path + ".smooth_factor") if self.smooth else None
+        on = device if str(device).startswith("cuda") else "cpu"  # straight to the GPU, no host copy kept
+        w = self.model_dir.read(target.path + ".weight", on)
+        b = self.model_dir.read(target.path + ".bias", on)
+        s = self.model_dir.read(target.path + ".smooth_factor", on) if self.smooth else None
         if self.smooth and s is None:
             raise HarnessError(f"{target.path} has no smooth_factor buffer; create the smoothed model with "
                                "`tokenwise-precision smooth`")
@@ -85,6 +100,9 @@ class ModuleWeights:
 
     def targets(self) -> list[Target]:
         return sorted(self.modules, key=Target.sort_key)
+
+    def content_id(self, target: Target) -> None:
+        return None  # an instantiated model's tensors have no file identity: nothing is stored
 
     def get(self, target: Target, device, weight=None) -> WeightTriple:
         import torch
@@ -158,20 +176,43 @@ class ErrorMatmul:
         shift = math.floor(math.log2(8192.0 / amax))  # largest |entry| lands in [2^12, 2^13)
         return (m * 2.0**shift).to(self.low), 2.0**-shift
 
-    def __call__(self, x_operand, m_operand):
-        """X·Mᵀ in float32 from two prepared operands."""
+    def split(self, m):
+        """M (float32) as a list of prepared operands whose products sum to X·Mᵀ at about float32
+        accuracy: on the 16-bit path M = hi + lo, two tensor-core GEMMs with ~22 significant
+        bits instead of one float32 GEMM at a tenth of the rate; else [M] itself."""
+        if self.low is None:
+            return [(m, 1.0)]
+        hi, scale = self.prepare(m)
+        lo = (m * (1.0 / scale) - hi.float()).to(self.low)  # the part fp16 rounding of M lost
+        return [(hi, scale), (lo, scale)]
+
+    def raw(self, x_operand, m_operand):
+        """(X·Mᵀ before its power-of-two scale, that scale): the caller folds the scale in later."""
         import torch
 
         (x, x_scale), (m, m_scale) = x_operand, m_operand
         if self.low is None:
-            out = x @ m.T
-        else:
+            return x @ m.T, x_scale * m_scale
+        try:
+            return torch.mm(x, m.T, out_dtype=torch.float32), x_scale * m_scale
+        except (RuntimeError, TypeError):  # a torch without mm's out_dtype
+            return (x @ m.T).float(), x_scale * m_scale
+
+    def __call__(self, x_operand, m_operand, add=None):
+        """X·Mᵀ (+ add) in float32 from two prepared operands (one fused GEMM when it can)."""
+        import torch
+
+        (x, _), (m, _) = x_operand, m_operand
+        scale = x_operand[1] * m_operand[1]
+        if add is not None and self.low is not None:
             try:
-                out = torch.mm(x, m.T, out_dtype=torch.float32)
-            except (RuntimeError, TypeError):  # a torch without mm's out_dtype
-                out = (x @ m.T).float()
-        scale = x_scale * m_scale
-        return out.mul_(scale) if scale != 1.0 else out
+                return torch.addmm(add, x, m.T, beta=1.0, alpha=scale, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # a torch without addmm's out_dtype
+                pass
+        out, scale = self.raw(x_operand, m_operand)
+        if scale != 1.0:
+            out.mul_(scale)
+        return out.add_(add) if add is not None else out
 
 
 def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms: dict[str, "ConfigTerm | object"],
@@ -191,29 +232,49 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms:
     mm = ErrorMatmul(device, cache.torch_dtype(entry.x_key))
     operands = {k: (mm.prepare(t.dw), mm.prepare(t.qr) if t.qr is not None else None) for k, t in terms.items()}
     accs = {key: TokenwiseAccumulator() for key in terms}
+    # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once. On that
+    # exact path the reference X·Wᵀ runs as two 16-bit GEMMs (W = hi + lo) instead of float32.
+    exact_x = mm.low is not None and s is None
+    w_parts = mm.split(w) if exact_x else None
+    need_x = not exact_x or any(t.act is not None for t in terms.values())
     for start, end, (x_stored, y_stored) in cache.stream([entry.x_key, entry.y_key], chunk_tokens, device):
-        x = x_stored.float()
-        if s is not None:
-            x = x / s
-        _check_finite(x, cache, entry.x_key)
-        # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once.
-        x_op = (x_stored, 1.0) if (mm.low is not None and s is None) else mm.prepare(x)
-        ref = torch.addmm(b, x, w.T) if b is not None else x @ w.T
+        _check_finite(x_stored, cache, entry.x_key)
+        x = None
+        if need_x:
+            x = x_stored.float()
+            if s is not None:
+                x = x / s
+                _check_finite(x, cache, entry.x_key)
+        x_op = (x_stored, 1.0) if exact_x else mm.prepare(x)
+        if exact_x:
+            ref = mm(x_op, w_parts[0])
+            for part in w_parts[1:]:
+                ref = mm(x_op, part, add=ref)
+            if b is not None:
+                ref.add_(b)
+        else:
+            ref = torch.addmm(b, x, w.T) if b is not None else x @ w.T
         if y_stored is not None:
             y = y_stored.float()
             _check_finite(y, cache, entry.y_key)
             resid = ref - y
         else:
             y, resid = ref, None
-        y_sq = (y * y).sum(dim=1)
+        y_sq = torch.linalg.vector_norm(y, dim=1).square_()
         act_errors = {}
         for key, term in terms.items():
+            if term.act is None and resid is None:
+                err, scale = mm.raw(x_op, operands[key][0])  # the scale is folded into the metrics
+                accs[key].update(err, y_sq, scale)
+                continue
+            if term.act is None:
+                accs[key].update(mm(x_op, operands[key][0], add=resid), y_sq)
+                continue
             err = mm(x_op, operands[key][0])
-            if term.act is not None:
-                if term.act not in act_errors:  # Q_a(X) - X, shared by configs with the same act spec
-                    q_x = formats.fake_quantize(x, term.act[0], term.act[1], name=entry.x_key)
-                    act_errors[term.act] = mm.prepare(q_x - x)
-                err += mm(act_errors[term.act], operands[key][1])
+            if term.act not in act_errors:  # Q_a(X) - X, shared by configs with the same act spec
+                q_x = formats.fake_quantize(x, term.act[0], term.act[1], name=entry.x_key)
+                act_errors[term.act] = mm.prepare(q_x - x)
+            err += mm(act_errors[term.act], operands[key][1])
             if resid is not None:
                 err += resid
             accs[key].update(err, y_sq)
@@ -232,9 +293,15 @@ def _check_finite(t, cache: XYCache, key: str) -> None:
                            "re-capture with --save_dtype fp32")
 
 
-def config_groups(grid: list[SvdqConfig], weight_numel: int) -> list[list[SvdqConfig]]:
-    """Split the grid so that one group's ΔW tensors fit DELTA_BUDGET_BYTES."""
-    per_group = max(1, DELTA_BUDGET_BYTES // max(1, 4 * weight_numel))
+def config_groups(grid: list[SvdqConfig], weight_numel: int, device=None) -> list[list[SvdqConfig]]:
+    """Split the grid so that one group's ΔW tensors fit the budget: DELTA_BUDGET_BYTES, or on
+    CUDA a quarter of the device's free memory when that is more (X then streams once)."""
+    budget = DELTA_BUDGET_BYTES
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        budget = max(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
+    per_group = max(1, budget // max(1, 6 * weight_numel))  # fp32 ΔW + its 16-bit GEMM operand
     return [grid[i:i + per_group] for i in range(0, len(grid), per_group)]
 
 
@@ -245,7 +312,6 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
     from tqdm import tqdm
 
     from tokenwise_harness.calib import search as calibrate
-    from tokenwise_harness.numerics import lowrank as lowrank_mod
     from tokenwise_harness.numerics import svdq
 
     quantize_fn = quantize_fn or svdq.fake_quantize_weight
@@ -255,31 +321,126 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
     # Iterated low-rank configs (iters > 1) score their iterates on the cached inputs: H = XᵀX.
     grams = calibrate.GramCache(cache, chunk_tokens, device) if any(c.iters > 1 for c in grid) else None
     results = {}
-    for target in tqdm(targets, desc="eval", unit="proj", disable=not progress):
+    prepared = prepare_weights(source, targets, grid, device, max_rank, stats)
+    try:
+        for target, triple, lowrank in tqdm(prepared, total=len(targets), desc="eval", unit="proj",
+                                            disable=not progress):
+            qfn = quantize_fn
+            if grams is not None:
+                t1 = _now(device)
+                qfn = svdq.with_gram(quantize_fn, grams.get(target, triple.smooth))
+                stats.seconds_decompose += _now(device) - t1
+            metrics = {}
+            for group in config_groups(grid, triple.weight.numel(), device):
+                t2 = _now(device)
+                terms = {cfg.key: config_term(triple.weight, cfg, lowrank, qfn, target.path) for cfg in group}
+                t3 = _now(device)
+                metrics.update(evaluate_weight(cache, target, triple, terms, chunk_tokens, device, stats))
+                stats.seconds_quantize += t3 - t2
+                stats.seconds_error += _now(device) - t3
+            results[(target.layer, target.block, target.proj)] = {cfg.key: metrics[cfg.key] for cfg in grid}
+            stats.weights += 1
+    finally:
+        prepared.close()
+    stats.configs = len(grid)
+    return results
+
+
+# Weights read and decomposed ahead of the one being scored (CUDA only: one worker thread and
+# CUDA stream each). On the CPU everything stays in order on the caller's thread, so results
+# never depend on thread scheduling.
+PREFETCH_DEPTH = 2
+
+
+def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], device, max_rank: int,
+                    stats: EngineStats, store=None):
+    """Yield (target, WeightTriple, LowRank | None) in target order.
+
+    Each weight's factors come from the low-rank store when it holds them, else from one exact
+    decomposition that is then stored. On CUDA, up to PREFETCH_DEPTH weights ahead are read and
+    decomposed on worker threads, each on its own CUDA stream, overlapping the caller's
+    streaming of X for the current weight.
+    """
+    import torch
+
+    from tokenwise_harness import memo
+
+    if store is None and memo.enabled():
+        store = memo.LowRankStore()
+
+    def prepare(target, stream=None):
         triple = source.get(target, device)
         check_ranks(grid, target, triple.weight.shape)
         _check_weight_finite(triple, target)
-        t0 = _now(device)
-        lowrank = lowrank_mod.LowRank(triple.weight, max_rank) if max_rank > 0 else None
-        t1 = _now(device)
-        stats.decompositions += lowrank is not None
-        stats.seconds_decompose += t1 - t0
-        qfn = quantize_fn
-        if grams is not None:
-            qfn = svdq.with_gram(quantize_fn, grams.get(target, triple.smooth))
-            stats.seconds_decompose += _now(device) - t1
-        metrics = {}
-        for group in config_groups(grid, triple.weight.numel()):
-            t2 = _now(device)
-            terms = {cfg.key: config_term(triple.weight, cfg, lowrank, qfn, target.path) for cfg in group}
-            t3 = _now(device)
-            metrics.update(evaluate_weight(cache, target, triple, terms, chunk_tokens, device, stats))
-            stats.seconds_quantize += t3 - t2
-            stats.seconds_error += _now(device) - t3
-        results[(target.layer, target.block, target.proj)] = {cfg.key: metrics[cfg.key] for cfg in grid}
-        stats.weights += 1
-    stats.configs = len(grid)
-    return results
+        t0 = time.perf_counter()
+        lowrank, computed = _lowrank(source, target, triple, max_rank, store, device)
+        if stream is not None:
+            stream.synchronize()
+        return triple, lowrank, computed, time.perf_counter() - t0
+
+    def account(computed, seconds):
+        stats.decompositions += computed is True
+        stats.decompositions_loaded += computed is False
+        stats.seconds_decompose += seconds
+
+    if not str(device).startswith("cuda") or len(targets) < 2:
+        for target in targets:
+            triple, lowrank, computed, seconds = prepare(target)
+            account(computed, seconds)
+            yield target, triple, lowrank
+        return
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    dev = torch.device(device)
+    main = torch.cuda.current_stream(dev)
+    streams = [torch.cuda.Stream(dev) for _ in range(PREFETCH_DEPTH)]
+
+    def on_worker(i, target):
+        with torch.cuda.device(dev), torch.cuda.stream(streams[i % PREFETCH_DEPTH]):
+            return prepare(target, streams[i % PREFETCH_DEPTH])
+
+    pool = ThreadPoolExecutor(max_workers=PREFETCH_DEPTH, thread_name_prefix="tokenwise-prepare")
+    pending = {}
+    try:
+        for i in range(min(PREFETCH_DEPTH, len(targets))):
+            pending[i] = pool.submit(on_worker, i, targets[i])
+        for i, target in enumerate(targets):
+            triple, lowrank, computed, seconds = pending.pop(i).result()
+            for t in (triple.weight, triple.bias, triple.smooth,
+                      *(lowrank.tensors().values() if lowrank is not None else ())):
+                if t is not None:
+                    t.record_stream(main)  # made on a worker's stream, used (and freed) on this one
+            account(computed, seconds)
+            if i + PREFETCH_DEPTH < len(targets):
+                pending[i + PREFETCH_DEPTH] = pool.submit(on_worker, i + PREFETCH_DEPTH, targets[i + PREFETCH_DEPTH])
+            yield target, triple, lowrank
+    finally:
+        for f in pending.values():
+            f.cancel()
+        pool.shutdown(wait=True)
+
+
+def _lowrank(source, target: Target, triple: WeightTriple, max_rank: int, store, device):
+    """(LowRank | None, computed?): from the store when it holds this weight's factors."""
+    from tokenwise_harness import memo
+    from tokenwise_harness.numerics.lowrank import LowRank
+
+    if max_rank <= 0:
+        return None, None
+    rank = min(max_rank, *triple.weight.shape)
+    content_id = getattr(source, "content_id", None)  # a caller's own weight source may have none
+    ids = content_id(target) if (store is not None and content_id is not None) else None
+    key = memo.lowrank_key(ids[0], ids[1], rank) if ids is not None else None
+    if key is not None:
+        factors = store.get(key, device)
+        if factors is not None and tuple(factors["L1"].shape) == (triple.weight.shape[0], rank) \
+                and tuple(factors["L2"].shape) == (rank, triple.weight.shape[1]):
+            return LowRank.from_factors(factors["L1"], factors["L2"], factors["S"]), False
+    lowrank = LowRank(triple.weight, max_rank)
+    if key is not None:
+        store.put(key, lowrank.tensors())
+    return lowrank, True
 
 
 def config_term(w, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str) -> ConfigTerm:

@@ -126,7 +126,7 @@ def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
     if smooth_meta:
         meta["smooth_meta"] = smooth_meta
     log(f"eval: {len(results)} projections x {len(grid)} configs in {time.perf_counter() - started:.1f} s "
-        f"({engine})")
+        f"({engine}; {_reuse_line()})")
     return report.build_report(meta, results)
 
 
@@ -143,6 +143,16 @@ def _score(spec: EvalSpec, mdir: ModelDir, cache: XYCache, grid, device, fake_op
     else:
         source, engine = evaluate.ModuleWeights(_load_for_eval(mdir, spec), spec.smooth), "per-weight (loaded model)"
     return evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device, progress=progress), engine
+
+
+def _reuse_line() -> str:
+    """What this process hashed and decomposed, and what it reused (memo.py): one log phrase."""
+    from tokenwise_harness import memo
+    from tokenwise_harness.numerics.lowrank import COUNTS
+
+    c = memo.COUNTERS
+    return (f"weight bytes hashed {c['bytes_hashed']}, digests reused {c['digest_memo_hits']}, "
+            f"eigendecompositions {COUNTS['eigh']}, factors reused {c['lowrank_hits']}")
 
 
 def _smooth_meta(mdir: ModelDir) -> dict | None:

@@ -94,8 +94,9 @@ def write_smoothed_model(mdir: ModelDir, out_dir: Path, factors: dict, meta: dic
     try:
         by_weight = {t.path + ".weight": (t, s) for t, s in factors.items()}
         new_keys: dict[str, str] = {}
+        loaded = set(mdir.weight_files)  # stray *.safetensors beside them are copied as they are
         for f in mdir.path.iterdir():
-            if f.suffix == ".safetensors":
+            if f in loaded and f.suffix == ".safetensors":
                 tensors = load_file(str(f))
                 for name in list(tensors):
                     if name in by_weight:

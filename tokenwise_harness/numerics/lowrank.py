@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+# Eigendecompositions run in this process (tests and benchmarks read it: a warm rerun does none).
+COUNTS = {"eigh": 0}
+
 
 class LowRank:
     """Exact top-`max_rank` SVD factors of a 2-D W, reusable for any rank r <= max_rank.
@@ -33,6 +36,22 @@ class LowRank:
         self.S = S.to(dtype)  # [max_rank], descending
         self.L1 = (U * S).to(dtype)  # [out, max_rank] = U diag(S)
         self.L2 = Vt.to(dtype)  # [max_rank, in] = V^T
+
+    @classmethod
+    def from_factors(cls, L1: torch.Tensor, L2: torch.Tensor, S: torch.Tensor) -> "LowRank":
+        """A LowRank from factors an earlier LowRank produced (L1 = U·S [out, r], L2 = Vᵀ [r, in])."""
+        if L1.dim() != 2 or L2.dim() != 2 or L1.shape[1] != L2.shape[0] or S.shape != (L1.shape[1],):
+            raise ValueError(f"inconsistent low-rank factors {tuple(L1.shape)}, {tuple(L2.shape)}, {tuple(S.shape)}")
+        self = cls.__new__(cls)
+        self.shape = (L1.shape[0], L2.shape[1])
+        self.max_rank = L1.shape[1]
+        self.dtype = L1.dtype
+        self.L1, self.L2, self.S = L1, L2.to(L1.dtype), S.to(L1.dtype)
+        return self
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The factors, by name (what from_factors takes back)."""
+        return {"L1": self.L1, "L2": self.L2, "S": self.S}
 
     def _check(self, r: int) -> int:
         if not 0 <= r <= self.max_rank:
@@ -79,6 +98,7 @@ SINGLE_THREAD_EIGH_MAX = 2048
 
 def _top_eigvecs(gram: torch.Tensor, r: int) -> torch.Tensor:
     """Eigenvectors of the r largest eigenvalues of a symmetric matrix, largest first."""
+    COUNTS["eigh"] += 1
     if gram.device.type == "cpu" and gram.shape[0] <= SINGLE_THREAD_EIGH_MAX:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)

@@ -4,7 +4,7 @@ For an error E = Y~ - Y and reference Y, both [n_tokens, out]:
   sse   = sum ||E_t||^2          denom = sum ||Y_t||^2          nmse = sse / denom
   token_l2_t = ||E_t||           token_rel_l2_t = ||E_t|| / ||Y_t||
   token_l2_mean/max, token_rel_l2_mean/max over tokens;  sqnr_db = 10 log10(denom / sse)
-Per-token squared norms are reduced in float32 on the device (one pass over E); the sums
+Per-token norms are reduced in float32 on the device (one pass over E); the sums
 across tokens and chunks are kept in float64, so the result does not depend on chunking
 beyond float32 rounding of single rows.
 A token whose ||Y_t|| is 0 has relative error 0 when ||E_t|| is 0 and +inf otherwise.
@@ -21,48 +21,69 @@ METRIC_NAMES = ("nmse", "sqnr_db", "token_l2_mean", "token_l2_max", "token_rel_l
 
 
 class TokenwiseAccumulator:
-    """Running sums for one (projection, config)."""
+    """Running sums for one (projection, config).
+
+    The sums stay on the error's device until result(): no host round trip per chunk, so the
+    GPU never waits for the host between the chunks of a grid.
+    """
 
     def __init__(self):
-        self.sse = 0.0
-        self.denom = 0.0
         self.n_tokens = 0
-        self.l2_sum = 0.0
-        self.l2_max = 0.0
-        self.rel_sum = 0.0
-        self.rel_max = 0.0
+        self._sums = None  # float64 [sse, denom, l2_sum, rel_sum] on the device
+        self._maxes = None  # float64 [l2_max, rel_max]
 
-    def update(self, err, y_sq):
-        """err: [n, out] float32 error rows; y_sq: [n] float32 squared norms of the reference rows."""
+    def update(self, err, y_sq, scale: float = 1.0):
+        """err: [n, out] float32 error rows, times `scale` (the true error is err * scale);
+        y_sq: [n] float32 squared norms of the reference rows."""
         import torch
 
-        e_sq = (err * err).sum(dim=1)
-        e_l2 = e_sq.sqrt()
+        e_l2 = torch.linalg.vector_norm(err, dim=1)  # one pass over E, no E*E temporary
+        if scale != 1.0:
+            e_l2 = e_l2 * abs(scale)
+        e_sq = e_l2 * e_l2
         y_l2 = y_sq.sqrt()
         rel = torch.where(y_l2 > 0, e_l2 / y_l2.clamp_min(torch.finfo(torch.float32).tiny),
                           torch.where(e_l2 > 0, torch.inf, 0.0))
-        stats = torch.stack([e_sq.double().sum(), y_sq.double().sum(), e_l2.double().sum(),
-                             e_l2.max().double(), rel.double().sum(), rel.max().double()]).tolist()
-        self.sse += stats[0]
-        self.denom += stats[1]
-        self.l2_sum += stats[2]
-        self.l2_max = max(self.l2_max, stats[3])
-        self.rel_sum += stats[4]
-        self.rel_max = max(self.rel_max, stats[5])
+        sums = torch.stack([e_sq.double().sum(), y_sq.double().sum(), e_l2.double().sum(), rel.double().sum()])
+        if err.shape[0]:
+            maxes = torch.stack([e_l2.max().double(), rel.max().double()])
+        else:
+            maxes = torch.zeros(2, dtype=torch.float64, device=err.device)
+        if self._sums is None:
+            self._sums, self._maxes = sums, maxes
+        else:
+            self._sums = self._sums + sums.to(self._sums.device)
+            self._maxes = torch.maximum(self._maxes, maxes.to(self._maxes.device))
         self.n_tokens += err.shape[0]
+
+    def _totals(self) -> tuple[float, float, float, float, float, float]:
+        if self._sums is None:
+            return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        sse, denom, l2_sum, rel_sum = self._sums.tolist()
+        l2_max, rel_max = self._maxes.tolist()
+        return sse, denom, l2_sum, l2_max, rel_sum, rel_max
+
+    @property
+    def sse(self) -> float:
+        return self._totals()[0]
+
+    @property
+    def denom(self) -> float:
+        return self._totals()[1]
 
     def result(self) -> dict:
         n = max(self.n_tokens, 1)
-        nmse = self.sse / self.denom if self.denom > 0 else (0.0 if self.sse == 0 else math.inf)
+        sse, denom, l2_sum, l2_max, rel_sum, rel_max = self._totals()
+        nmse = sse / denom if denom > 0 else (0.0 if sse == 0 else math.inf)
         return {
             "nmse": nmse,
             "sqnr_db": sqnr_db(nmse),
-            "token_l2_mean": self.l2_sum / n,
-            "token_l2_max": self.l2_max,
-            "token_rel_l2_mean": self.rel_sum / n,
-            "token_rel_l2_max": self.rel_max,
-            "sse": self.sse,
-            "denom": self.denom,
+            "token_l2_mean": l2_sum / n,
+            "token_l2_max": l2_max,
+            "token_rel_l2_mean": rel_sum / n,
+            "token_rel_l2_max": rel_max,
+            "sse": sse,
+            "denom": denom,
             "n_tokens": self.n_tokens,
         }
 

@@ -1,0 +1,206 @@
+"""Persistent memos that let a rerun skip work whose inputs did not change.
+
+* `file_digest(path)`: sha256 of a weight file, memoized on disk by the file's identity
+  (resolved path, device, inode, size, mtime_ns). A rerun on an unchanged checkpoint stats
+  the files and reads no weight bytes; any rewrite (new inode, size or mtime) is rehashed.
+* `LowRankStore`: a size-capped, content-keyed store of low-rank factors (one safetensors
+  file per entry, atomic writes, least-recently-used entries pruned past the cap), so a rerun
+  on unchanged weights does no eigendecomposition.
+
+Both live in the user cache dir: $TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness,
+else ~/.cache/tokenwise_harness. Every entry is its own small file, written to a temp name and
+renamed, so concurrent runs never see half an entry and need no lock; a memo that cannot be
+written (read-only home, full disk) is skipped, never an error. `TOKENWISE_NO_MEMO=1` turns
+both off. `COUNTERS` counts the bytes hashed and the store's hits and misses (tests and
+benchmarks read it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+# Bump when an entry's meaning changes: old entries are then simply never found again.
+MEMO_VERSION = "1"
+DEFAULT_STORE_CAP_BYTES = 8 << 30
+
+COUNTERS = {"bytes_hashed": 0, "files_hashed": 0, "digest_memo_hits": 0,
+            "lowrank_hits": 0, "lowrank_misses": 0, "lowrank_writes": 0}
+
+_PROCESS_DIGESTS: dict[tuple, str] = {}
+
+
+def reset_counters() -> None:
+    for k in COUNTERS:
+        COUNTERS[k] = 0
+
+
+def clear_process_memo() -> None:
+    """Forget the in-process digest memo (the on-disk memo stays): as a new process would start."""
+    _PROCESS_DIGESTS.clear()
+
+
+def enabled() -> bool:
+    return os.environ.get("TOKENWISE_NO_MEMO", "") not in ("1", "true", "yes")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("TOKENWISE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tokenwise_harness"
+
+
+def _write_atomic(final: Path, data: bytes) -> bool:
+    """Write `data` under `final` via a temp file + rename; False (and nothing left) on failure."""
+    tmp = None
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}.{os.getpid()}.", dir=final.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, final)
+        return True
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return False
+
+
+# ------------------------------------------------------------------ file digests
+
+
+def _identity(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _memo_file(identity: tuple) -> Path:
+    name = hashlib.sha256(json.dumps([MEMO_VERSION, *identity]).encode()).hexdigest()[:40]
+    return cache_root() / "digests" / name[:2] / f"{name}.json"
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex digest of a file's bytes; read from the memo when the file is unchanged."""
+    path = Path(path)
+    identity = _identity(path)
+    got = _PROCESS_DIGESTS.get(identity)
+    if got is not None:
+        return got
+    memo = _memo_file(identity) if enabled() else None
+    if memo is not None:
+        try:
+            entry = json.loads(memo.read_text(encoding="utf-8"))
+            if entry.get("identity") == list(identity) and isinstance(entry.get("sha256"), str):
+                COUNTERS["digest_memo_hits"] += 1
+                _PROCESS_DIGESTS[identity] = entry["sha256"]
+                return entry["sha256"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    h = hashlib.sha256()
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while (n := fh.readinto(view)) > 0:
+            h.update(view[:n])
+            COUNTERS["bytes_hashed"] += n
+    COUNTERS["files_hashed"] += 1
+    digest = h.hexdigest()
+    if _identity(path) == identity:  # unchanged while we read it: safe to remember
+        _PROCESS_DIGESTS[identity] = digest
+        if memo is not None:
+            _write_atomic(memo, json.dumps({"identity": list(identity), "sha256": digest}).encode())
+    return digest
+
+
+# ------------------------------------------------------------------ low-rank factors
+
+
+def lowrank_key(weight_id: str, smooth_id: str | None, rank: int, iters: int = 1) -> str:
+    """Content key of one decomposition: the weight's and smoothing's content ids, rank, iters."""
+    text = json.dumps({"v": MEMO_VERSION, "weight": weight_id, "smooth": smooth_id, "rank": int(rank),
+                       "iters": int(iters), "dtype": "float32"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class LowRankStore:
+    """Content-keyed low-rank factors on disk (L1 = U·S, L2 = Vᵀ, S), capped in bytes, LRU-pruned."""
+
+    def __init__(self, root: Path | None = None, cap_bytes: int | None = None):
+        self.root = Path(root) if root is not None else cache_root() / "lowrank"
+        env_cap = os.environ.get("TOKENWISE_LOWRANK_STORE_BYTES")
+        self.cap_bytes = int(cap_bytes if cap_bytes is not None else (env_cap or DEFAULT_STORE_CAP_BYTES))
+        self._total: int | None = None  # bytes in the store, known after the first scan
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str, device="cpu"):
+        """{"L1", "L2", "S"} tensors on `device`, or None when absent or unreadable."""
+        path = self._path(key)
+        if not path.is_file():
+            COUNTERS["lowrank_misses"] += 1
+            return None
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path), device=str(device))
+            if set(tensors) != {"L1", "L2", "S"}:
+                raise ValueError("wrong tensors")
+        except Exception:  # a damaged entry is a miss; it gets rewritten
+            COUNTERS["lowrank_misses"] += 1
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # least recently used = oldest mtime
+        COUNTERS["lowrank_hits"] += 1
+        return tensors
+
+    def put(self, key: str, tensors: dict) -> None:
+        """Store the factors (CPU copies are made here); prune past the cap. Never raises."""
+        try:
+            from safetensors.torch import save
+
+            data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+        except Exception:
+            return
+        if len(data) > self.cap_bytes:
+            return
+        if _write_atomic(self._path(key), data):
+            COUNTERS["lowrank_writes"] += 1
+            if self._total is None:
+                self.prune()  # one scan per process; later writes only add to the running total
+            else:
+                self._total += len(data)
+                if self._total > self.cap_bytes:
+                    self.prune()
+
+    def prune(self) -> None:
+        """Delete the least recently used entries until the store fits its cap."""
+        entries = []
+        try:
+            for sub in self.root.iterdir():
+                if not sub.is_dir():
+                    continue
+                for f in sub.iterdir():
+                    if f.suffix == ".safetensors" and not f.name.startswith(".tmp-"):
+                        with contextlib.suppress(OSError):
+                            st = f.stat()
+                            entries.append((st.st_mtime_ns, st.st_size, f))
+        except OSError:
+            return
+        total = sum(size for _, size, _ in entries)
+        for _, size, f in sorted(entries, key=lambda e: e[0]):
+            if total <= self.cap_bytes:
+                break
+            with contextlib.suppress(OSError):
+                f.unlink()
+                total -= size
+        self._total = total
