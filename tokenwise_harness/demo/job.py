@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tokenwise_harness.atomic import clear_leftovers
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.text import plural
 
 AUTO, SMOLLM2, RANDOM, CUSTOM = "auto", "smollm2", "random", "custom"
 MODEL_CHOICES = (AUTO, SMOLLM2, RANDOM)
@@ -55,6 +56,7 @@ DEFAULTS = {
 CLEAN = "removed temp files of an interrupted earlier run; starting clean"
 README_START = "<!-- smollm2-table:start -->"
 README_END = "<!-- smollm2-table:end -->"
+TIMES = "{TIMES}"  # where SUMMARY.md's run-time line goes once every step is timed
 OUTLIER_ROWS = 5
 RANKING_TOP, RANKING_BOTTOM = 5, 3
 # Weight-side check of the Q4_1 origin: formats scored as ||W~ - W||^2 / ||W||^2 (rank 0).
@@ -122,9 +124,11 @@ def default_threads() -> int:
 
 def run_demo(out, model: str = AUTO, model_dir=None, gguf=None, ranks=None, qspecs=None, cn=None, eu=None,
              length=None, grid_mode=None, harness: bool = True, harness_config: str | None = None,
-             readme=None, threads: int | None = None, family: str = "qwen3", log=print) -> dict[str, Path]:
+             readme=None, threads: int | None = None, family: str = "qwen3", log=print,
+             progress: bool | None = None) -> dict[str, Path]:
     """Run the whole job; return {name: path} of what it wrote (threads: torch CPU threads for
-    the run, default default_threads(); the caller's setting is restored afterwards)."""
+    the run, default default_threads(); the caller's setting is restored afterwards; progress:
+    tqdm bars on stderr for every long step, default when stderr is a terminal)."""
     import torch
 
     threads = default_threads() if threads is None else threads
@@ -136,19 +140,18 @@ def run_demo(out, model: str = AUTO, model_dir=None, gguf=None, ranks=None, qspe
     torch.set_num_threads(threads)
     try:
         return _run_demo(out, model, model_dir, gguf, ranks, qspecs, cn, eu, length, grid_mode, harness,
-                         harness_config, readme, family, log)
+                         harness_config, readme, family, log, sys.stderr.isatty() if progress is None else progress)
     finally:
         torch.set_num_threads(before)
 
 
 def _run_demo(out, model, model_dir, gguf, ranks, qspecs, cn, eu, length, grid_mode, harness, harness_config,
-              readme, family, log) -> dict[str, Path]:
+              readme, family, log, progress) -> dict[str, Path]:
     import torch
 
     from tokenwise_harness.calib.smooth import smooth
     from tokenwise_harness.capture.save_xy import save_xy
     from tokenwise_harness.report import document as report
-    from tokenwise_harness.report.analyze import analyze
     from tokenwise_harness.run import EvalSpec, run_eval
 
     if harness_config is not None:
@@ -177,16 +180,18 @@ def _run_demo(out, model, model_dir, gguf, ranks, qspecs, cn, eu, length, grid_m
     focus_cfg = f"rank={focus_rank};fmt={focus_q.fmt};blk={focus_q.blk}"
     if harness_config is None:
         h_rank, h_qspec = focus_rank, f"{focus_q.fmt}@{focus_q.blk}"
-    log(f"demo: model {model_path} ({kind}); {cn}+{eu} samples x {length} tokens; ranks {ranks}; "
-        f"qspecs {qspecs}; grid {grid_mode}; torch threads {torch.get_num_threads()}")
+    log(f"demo: model {model_path} ({kind}); {cn}+{plural(eu, 'sample')} x {plural(length, 'token')}; "
+        f"ranks {ranks}; qspecs {qspecs}; grid {grid_mode} ({plural(len(probe.grid()), 'config')}); "
+        f"torch threads {torch.get_num_threads()}")
     paths["model"] = model_path
     step("import" if kind == SMOLLM2 else "model")
 
     paths["cache"] = save_xy(model_path, out / "cache_xy", "demo", cn=cn, eu=eu, length=length, compact=True,
-                             log=log, progress=False)
+                             log=log, progress=progress)
     step("save_xy")
     common = dict(xy_path=str(paths["cache"]), grid_mode=grid_mode, chunk_tokens=4096)
-    plain = run_eval(EvalSpec.from_text(ranks, qspecs, model_dir=str(model_path), **common), progress=False, log=log)
+    plain = run_eval(EvalSpec.from_text(ranks, qspecs, model_dir=str(model_path), **common), progress=progress,
+                     log=log)
     paths["report_nocalib"] = _write(report, plain, out / "results" / "tokenwise_nocalib.json", log)
     step("eval_fake")
     paths["smoothed_model"] = out / "model-smoothed"
@@ -199,23 +204,21 @@ def _run_demo(out, model, model_dir, gguf, ranks, qspecs, cn, eu, length, grid_m
         raise HarnessError(f"--out {out}: {paths['smoothed_model']} exists; use a fresh --out directory")
     step("smooth")
     smoothed = run_eval(EvalSpec.from_text(ranks, qspecs, model_dir=str(paths["smoothed_model"]), smooth=True,
-                                           model_flag="--smooth_model_dir", **common), progress=False, log=log)
+                                           model_flag="--smooth_model_dir", **common), progress=progress, log=log)
     paths["report_smooth"] = _write(report, smoothed, out / "results" / "tokenwise_smooth.json", log)
     step("eval_smooth")
     harness_note = None
     if harness:
         paths["harness_report"], harness_note = run_harness(out / "harness", model_path, None, paths["cache"],
-                                                            h_rank, h_qspec, log=log)
+                                                            h_rank, h_qspec, log=log, progress=progress)
         _check_harness(paths["harness_report"], plain, log)
         step("harness")
-    for name in ("nocalib", "smooth"):
-        for p in analyze(paths[f"report_{name}"], out / "analysis" / name):
-            paths[f"analysis_{name}_{p.stem}"] = p
+    paths.update(run_analysis(out / "analysis", paths["report_nocalib"], paths["report_smooth"], progress))
     step("analyze")
-    summary = build_summary(kind, model_path, paths, plain, smoothed, timings, harness_note, focus_cfg)
+    summary = build_summary(kind, model_path, paths, plain, smoothed, harness_note, focus_cfg, progress)
     step("summary")
-    total = time.perf_counter() - started
-    summary = summary.replace("{TOTAL}", f"{total:.0f}")
+    times, total = timing_line(timings)
+    summary = summary.replace(TIMES, times)
     paths["summary"] = out / "SUMMARY.md"
     from tokenwise_harness.atomic import write_text_atomic
 
@@ -223,9 +226,48 @@ def _run_demo(out, model, model_dir, gguf, ranks, qspecs, cn, eu, length, grid_m
     if readme is not None:
         insert_into_readme(Path(readme), summary)
         log(f"demo: {readme}: table between {README_START} and {README_END} updated")
-    log("demo: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    log(f"demo: done in {total:.0f} s; open {paths['summary']}, {out / 'analysis' / 'nocalib' / 'ranking1.md'} "
-        f"and {out / 'analysis' / 'nocalib' / 'heatmap.png'}")
+    log(f"demo: {times}")
+    log(f"demo: done in {total} s; open {paths['summary']}, {paths['analysis_html']} (the HTML report), "
+        f"{out / 'analysis' / 'nocalib' / 'ranking1.md'} and {out / 'analysis' / 'nocalib' / 'heatmap.png'}")
+    return paths
+
+
+def timing_line(timings: dict[str, float]) -> tuple[str, int]:
+    """("step N s, ... · total T s", T): whole seconds per step, and a total that is their sum."""
+    rounded = {k: round(v) for k, v in timings.items()}
+    total = sum(rounded.values())
+    return ", ".join(f"{k} {v} s" for k, v in rounded.items()) + f" · total {total} s", total
+
+
+def run_analysis(out: Path, nocalib: Path, smooth: Path, progress: bool = False) -> dict[str, Path]:
+    """Rankings and heatmaps of both reports on one color scale, the delta heatmap (smoothed vs
+    no calibration) and one HTML page with all three; {name: path} of what was written."""
+    from tqdm import tqdm
+
+    from tokenwise_harness.report import document as report
+    from tokenwise_harness.report import plots
+    from tokenwise_harness.report.analyze import analyze
+    from tokenwise_harness.report.html import write_html
+
+    reports = {"nocalib": report.load_report(nocalib), "smooth": report.load_report(smooth)}
+    labels = {"nocalib": "no calibration", "smooth": "SmoothQuant"}
+    vlim = plots.color_limits(*reports.values())
+    paths: dict[str, Path] = {}
+    with tqdm(total=4, desc="demo: analyze", unit="step", disable=not progress) as bar:
+        for name, path in (("nocalib", nocalib), ("smooth", smooth)):
+            for p in analyze(path, out / name, vlim=vlim, label=labels[name]):
+                paths[f"analysis_{name}_{p.stem}"] = p
+            bar.update()
+        if plots.matplotlib_available("demo"):
+            fig = plots.delta_figure(reports["nocalib"], reports["smooth"], labels["nocalib"], labels["smooth"])
+            if fig is not None:
+                paths["analysis_delta"] = plots.write_png(fig, out / "delta_smooth_vs_nocalib.png", "--out")
+        bar.update()
+        paths["analysis_html"] = write_html(
+            reports["nocalib"], out / "report.html", "--out", title="tokenwise demo: no calibration vs SmoothQuant",
+            source=str(nocalib), vlim=vlim, label=labels["nocalib"],
+            compare=(reports["smooth"], labels["nocalib"], labels["smooth"]))
+        bar.update()
     return paths
 
 
@@ -286,15 +328,21 @@ baseline:
 
 
 def harness_command(rootdir: Path, model_dir: Path, smooth_dir: Path | None, xy_path: Path, ranks: str, qspecs: str,
-                    report: Path, update: bool = True, extra: list[str] | None = None) -> list[str]:
-    """The pytest command line of a harness run in its own rootdir (no repo conftest, no unit tests)."""
+                    report: Path, update: bool = True, extra: list[str] | None = None, relative: bool = False,
+                    python: str | None = None) -> list[str]:
+    """The pytest command line of a harness run in its own rootdir (no repo conftest, no unit
+    tests). Path options in `=` form; relative=True: paths relative to rootdir (the command
+    then runs from rootdir), as gate.sh writes them."""
     rootdir = Path(rootdir).resolve()
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-c", str(rootdir / "pytest.ini"),
-           "--rootdir", str(rootdir), "-q",
-           "--model-dir", str(model_dir), "--xy-path", str(xy_path), "--ranks", ranks, "--qspecs", qspecs,
-           "--tokenwise-report", str(report)]
+
+    def where(path: Path) -> str:
+        return os.path.relpath(Path(path).resolve(), rootdir) if relative else str(Path(path).resolve())
+
+    cmd = [python or sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--config-file={where(rootdir / 'pytest.ini')}",
+           f"--rootdir={where(rootdir)}", "-q", f"--model-dir={where(model_dir)}", f"--xy-path={where(xy_path)}",
+           "--ranks", ranks, "--qspecs", qspecs, f"--tokenwise-report={where(report)}"]
     if smooth_dir is not None:
-        cmd += ["--smooth-model-dir", str(smooth_dir)]
+        cmd.append(f"--smooth-model-dir={where(smooth_dir)}")
     if update:
         cmd.append("--update-baselines")
     return cmd + list(extra or [])
@@ -307,30 +355,78 @@ def prepare_harness_dir(rootdir: Path, thresholds: str = HARNESS_THRESHOLDS) -> 
     return rootdir
 
 
+GATE_SH = """#!/bin/sh
+# The demo's harness run as a gate (no --update-baselines): fails on a regression.
+# Paths are relative to this file's directory, so the demo's output dir can move as a whole.
+# PYTHON picks the interpreter (default: the one that ran the demo, else python3).
+cd "$(dirname "$0")" || exit 2
+PY="${{PYTHON:-{python}}}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+exec "$PY" {args} "$@"
+"""
+
+
+def write_gate_sh(rootdir: Path, model_dir: Path, smooth_dir: Path | None, xy_path: Path, rank: int,
+                  qspec: str, report: Path) -> Path:
+    """<rootdir>/gate.sh: the harness run without --update-baselines, paths relative to rootdir."""
+    cmd = harness_command(rootdir, model_dir, smooth_dir, xy_path, str(rank), qspec, report, update=False,
+                          relative=True)
+    gate_sh = rootdir / "gate.sh"
+    gate_sh.write_text(GATE_SH.format(python=shlex.quote(sys.executable), args=shlex.join(cmd[1:])))
+    gate_sh.chmod(0o755)
+    return gate_sh
+
+
+PROGRESS_CHARS = frozenset(".FEsxX")
+
+
+def run_streaming(cmd: list[str], cwd: Path, env: dict, total: int | None, desc: str,
+                  progress: bool) -> tuple[int, str]:
+    """Run pytest -q, counting its progress characters into a tqdm bar; (exit code, output)."""
+    from tqdm import tqdm
+
+    proc = subprocess.Popen(cmd, cwd=str(cwd), env=dict(env, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    chunks: list[bytes] = []
+    line, done = "", False
+    with tqdm(total=total, desc=desc, unit="case", disable=not progress) as bar:
+        while True:
+            data = os.read(proc.stdout.fileno(), 4096)
+            if not data:
+                break
+            chunks.append(data)
+            for ch in data.decode("utf-8", "replace"):
+                if ch == "\n":
+                    done = done or line.endswith("[100%]")  # the summary below may start with "..."
+                    line = ""
+                    continue
+                if not done and ch in PROGRESS_CHARS and set(line) <= PROGRESS_CHARS:
+                    bar.update()
+                line += ch
+    proc.stdout.close()
+    return proc.wait(), b"".join(chunks).decode("utf-8", "replace")
+
+
 def run_harness(rootdir: Path, model_dir: Path, smooth_dir: Path | None, xy_path: Path, rank: int, qspec: str,
-                log=print) -> tuple[Path, str]:
+                log=print, progress: bool = False) -> tuple[Path, str]:
     """pytest on the generated model (and the smoothed one, when given), one config, recording baselines."""
     import torch
 
+    from tokenwise_harness.cache import XYCache
+
     prepare_harness_dir(rootdir)
     report = rootdir / "report.json"
-    smooth_abs = smooth_dir.resolve() if smooth_dir is not None else None
-    cmd = harness_command(rootdir, model_dir.resolve(), smooth_abs, xy_path.resolve(), str(rank), qspec,
-                          report.resolve())
+    cmd = harness_command(rootdir, model_dir, smooth_dir, xy_path, str(rank), qspec, report)
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
-    log(f"demo: harness: {' '.join(cmd[1:])}")
-    proc = subprocess.run(cmd, cwd=str(rootdir), env=env, capture_output=True, text=True)
-    (rootdir / "pytest_output.txt").write_text(proc.stdout + proc.stderr)
-    tail = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()][-1:] or ["(no output)"]
-    if proc.returncode != 0:
-        raise HarnessError(f"the harness run failed (pytest exit {proc.returncode}: {tail[0]}); "
+    log(f"demo: harness: {shlex.join(cmd[1:])}")
+    n_cases = len(XYCache(xy_path).targets) * (2 if smooth_dir is not None else 1)
+    code, output = run_streaming(cmd, rootdir, env, n_cases, "demo: harness", progress)
+    (rootdir / "pytest_output.txt").write_text(output)
+    tail = [line for line in output.splitlines() if line.strip()][-1:] or ["(no output)"]
+    if code != 0:
+        raise HarnessError(f"the harness run failed (pytest exit {code}: {tail[0]}); "
                            f"see {rootdir / 'pytest_output.txt'}")
-    gate = harness_command(rootdir.resolve(), model_dir.resolve(), smooth_abs, xy_path.resolve(), str(rank),
-                           qspec, report.resolve(), update=False)
-    gate_sh = rootdir / "gate.sh"
-    gate_sh.write_text("#!/bin/sh\n# The demo's harness run as a gate (no --update-baselines): fails on a regression.\n"
-                       f"cd {shlex.quote(str(rootdir.resolve()))} && exec {shlex.join(gate)} \"$@\"\n")
-    gate_sh.chmod(0o755)
+    gate_sh = write_gate_sh(rootdir, model_dir, smooth_dir, xy_path, rank, qspec, report)
     log(f"demo: harness: {tail[0]}; baselines -> {rootdir / 'baselines'}, report -> {report}; "
         f"gate again with `sh {gate_sh}`")
     which = "plain + smoothed model" if smooth_dir is not None else "the plain model"
@@ -386,14 +482,16 @@ def _cfg_label(cfg: str) -> str:
     return f"rank {c.rank} + {c.fmt}@{c.blk}" if c.rank else f"{c.fmt}@{c.blk} only"
 
 
-def outlier_ratios(cache_path: Path) -> list[tuple[float, str]]:
+def outlier_ratios(cache_path: Path, progress: bool = False) -> list[tuple[float, str]]:
     """(max_j a_j / median_j a_j, input group) per shared input, a_j = max_t |X_tj|; largest first."""
+    from tqdm import tqdm
+
     from tokenwise_harness.cache import XYCache
     from tokenwise_harness.calib.smooth import activation_absmax
 
     cache = XYCache(cache_path)
     seen: dict[str, tuple[float, list]] = {}
-    for target in cache.targets:
+    for target in tqdm(cache.targets, desc="demo: outlier ratios", unit="proj", disable=not progress):
         if target.input_group in seen:
             seen[target.input_group][1].append(target)
             continue
@@ -415,7 +513,7 @@ def q41_requantize(w):
     return (torch.round((b - lo) / d).clamp(0, 15) * d + lo).reshape(rows, cols)
 
 
-def weight_side_errors(model_dir: Path, ranks=(16, 32)) -> dict[str, list[float]]:
+def weight_side_errors(model_dir: Path, ranks=(16, 32), progress: bool = False) -> dict[str, list[float]]:
     """||W~ - W||^2 / ||W||^2 per allowlisted weight: Q4_1's recipe, WEIGHT_SIDE_QSPECS (rank 0),
     and the rank-r truncated SVD alone (the energy outside the top r singular values)."""
     import torch
@@ -430,7 +528,9 @@ def weight_side_errors(model_dir: Path, ranks=(16, 32)) -> dict[str, list[float]
         out[f"{fmt}@{blk}"] = []
     for r in ranks:
         out[f"rank {r} alone (truncated SVD)"] = []
-    for target in mdir.targets():
+    from tqdm import tqdm
+
+    for target in tqdm(mdir.targets(), desc="demo: weight-side check", unit="weight", disable=not progress):
         w = mdir.read(target.path + ".weight").float()
         w64 = w.double()
         den = float(w64.square().sum())
@@ -449,8 +549,9 @@ def _e(x: float) -> str:
     return "0" if x == 0 else f"{x:.2e}"
 
 
-def build_summary(kind: str, model_path: Path, paths: dict, plain: dict, smoothed: dict, timings: dict,
-                  harness_note: str | None, focus_cfg: str) -> str:
+def build_summary(kind: str, model_path: Path, paths: dict, plain: dict, smoothed: dict,
+                  harness_note: str | None, focus_cfg: str, progress: bool = False) -> str:
+    """SUMMARY.md's text; its run-time line is the TIMES placeholder (timing_line fills it)."""
     from tokenwise_harness.checkpoint import ModelDir
     from tokenwise_harness.report.analyze import ranking1
 
@@ -466,8 +567,7 @@ def build_summary(kind: str, model_path: Path, paths: dict, plain: dict, smoothe
         f"cn {meta['cn']} + eu {meta['eu']} samples x {meta['length']} tokens = {n_tok:,} tokens (seed {meta['seed']}) · "
         "metric: nmse = ||Y~ - Y||² / ||Y||² per projection over all cached tokens · SmoothQuant α = 0.5.",
         "",
-        "Run time of this run: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "summary")
-        + f" · total {{TOTAL}} s (torch threads: {_threads()}, {os.cpu_count()} CPU cores).",
+        f"Run time of this run: {TIMES} (torch threads: {_threads()}, {plural(os.cpu_count() or 1, 'CPU core')}).",
     ]
     # -- effect of rank and smoothing
     p_tab, s_tab = _nmse_table(plain), _nmse_table(smoothed)
@@ -496,7 +596,7 @@ def build_summary(kind: str, model_path: Path, paths: dict, plain: dict, smoothe
             lines.append(f"| {r['rank']} | {r['layer']} | {r['block']} | {_e(r['nmse_mean_over_proj'])} | "
                          f"{_e(r['nmse_max_over_proj'])} | {r['worst_proj']} |")
     # -- outliers and smoothing
-    ratios = outlier_ratios(paths["cache"])[:OUTLIER_ROWS]
+    ratios = outlier_ratios(paths["cache"], progress)[:OUTLIER_ROWS]
     lines += ["", f"**Smoothing where the activation outliers are**, at `{focus_cfg}`: the {OUTLIER_ROWS} inputs "
               "with the largest outlier ratio max_j a_j / median_j a_j (a_j = max over tokens of |X_tj|).", "",
               "| input of | outlier ratio | nmse, no smoothing | nmse, smoothed |", "|---|---:|---:|---:|"]
@@ -508,7 +608,7 @@ def build_summary(kind: str, model_path: Path, paths: dict, plain: dict, smoothe
                          f"{_e(b) if b is not None else 'n/a'} |")
     # -- Q4_1 origin
     if kind == SMOLLM2:
-        ws = weight_side_errors(model_path)
+        ws = weight_side_errors(model_path, progress=progress)
         lines += ["", "**The Q4_1 origin, weight side** (no activations): ||W~ - W||² / ||W||² over the "
                   f"{n_proj} weights, quantization alone (rank 0) and the low-rank branch alone.", "",
                   "| W~ | median | max |", "|---|---:|---:|"]
