@@ -193,18 +193,12 @@ def cmd_eval(a, smooth: bool) -> int:
         grid_mode=a.grid_mode, chunk_tokens=a.chunk_tokens, smooth=smooth, quantizer=a.quantizer,
         no_restore=a.no_restore, torch_dtype=a.torch_dtype, device_map=a.device_map, device=a.device,
         verify_cache=a.verify_cache, no_verify_cache=a.no_verify_cache, model_flag="--smooth_model_dir" if smooth else "--model_dir",
-        lowrank_iters=_lowrank_iters(a.lowrank_iters),
+        lowrank_iters=a.lowrank_iters,
         act_qspecs=parse_qspecs(a.act_qspecs, "--act_qspecs") if a.act_qspecs else [])
     result = run_eval(spec, progress=sys.stderr.isatty())
     report.write_report(result, out, flag="--out_json")
     print(f"{a.command}: report -> {out}")
     return 0
-
-
-def _lowrank_iters(n: int) -> int:
-    if n < 1:
-        raise HarnessError(f"--lowrank_iters {n} must be >= 1 (1 = one-shot SVD)")
-    return n
 
 
 def cmd_smooth(a) -> int:

@@ -1,23 +1,43 @@
-"""The seed's evaluation flows end to end: resolve inputs, run the engine, write the report.
+"""One scoring flow for both front ends: validate, pick the engine path, score, build `meta`.
 
-Shared by the CLI (eval_fake / eval_smooth) and the pytest plugin, so both score the same
-numbers from the same code.
+The CLI (eval_fake / eval_smooth) and the pytest plugin both score through `Evaluation`:
+
+    spec = EvalSpec(...)            # options, as the front end parsed them
+    spec.validate()                 # every check that needs no cache (cheap: at configure time)
+    ev = Evaluation(spec, cache)    # + the cache: model match, engine path, checksums
+    ev.score(configs, targets)      # {(layer, block, proj): {cfg key: metrics}}
+    ev.meta()                       # the §2.5 report's meta
+
+The CLI scores every weight at once (`run_eval`); the plugin scores one weight at a time, only
+the configs `-k` selected, each weight decomposed once and the model (when one has to be
+loaded) loaded once per Evaluation. Every refusal, the engine-path decision (checkpoint
+shards, loaded model, or a model-level fake_op), the checksum verification and the meta
+fields exist here only; front ends differ in their flag spelling alone (`flag_style`).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tokenwise_harness import __version__
+from tokenwise_harness.allowlist import Target
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.calib.smooth import SMOOTH_META_FILE
 from tokenwise_harness.checkpoint import ModelDir, load_model, resolve_torch_dtype
 from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
+
+DEFAULT_QUANTIZER = "tokenwise_harness.numerics.svdq:fake_op"
+ENGINE_MODEL_OP = "model-level fake_op"
+ENGINE_SHARDS = "per-weight (checkpoint shards)"
+ENGINE_LOADED = "per-weight (loaded model)"
+Results = dict[tuple[int, str, str], dict[str, dict]]
 
 
 def resolve_callable(spec: str, flag: str) -> Callable:
@@ -56,93 +76,170 @@ class EvalSpec:
     verify_cache: bool = False  # check every tensor's checksum up front
     no_verify_cache: bool = False  # skip the checksum check done while each tensor streams
     model_flag: str = "--model_dir"
+    flag_style: str = "_"  # how the front end spells flags: "_" (CLI: --chunk_tokens), "-" (pytest: --chunk-tokens)
 
     @classmethod
-    def from_text(cls, ranks: str, qspecs: str, **kw) -> "EvalSpec":
+    def from_text(cls, ranks: str, qspecs: str, **kw) -> EvalSpec:
         return cls(ranks=parse_ranks(ranks), qspecs=parse_qspecs(qspecs), **kw)
 
+    def flag(self, name: str) -> str:
+        """The front end's spelling of an option: flag('chunk_tokens') -> --chunk_tokens or --chunk-tokens."""
+        return "--" + (name.replace("_", "-") if self.flag_style == "-" else name)
+
     def grid(self) -> list[SvdqConfig]:
-        return build_grid(self.ranks, self.qspecs, self.grid_mode, self.act_qspecs, self.lowrank_iters)
+        if self.lowrank_iters < 1:
+            raise HarnessError(f"{self.flag('lowrank_iters')} {self.lowrank_iters} must be >= 1 (1 = one-shot SVD)")
+        try:
+            return build_grid(self.ranks, self.qspecs, self.grid_mode, self.act_qspecs, self.lowrank_iters)
+        except HarnessError as exc:
+            raise HarnessError(str(exc).replace("--grid_mode", self.flag("grid_mode"))) from None
+
+    def validate(self) -> Callable | None:
+        """Every check that needs no cache; the user's fake_op (or None). Raises HarnessError."""
+        if self.chunk_tokens <= 0:
+            raise HarnessError(f"{self.flag('chunk_tokens')} {self.chunk_tokens} must be positive (a token count)")
+        self.grid()
+        resolve_torch_dtype(self.torch_dtype, self.flag("torch_dtype"))
+        pick_device(self.device, self.flag("device"))
+        fake_op = resolve_callable(self.quantizer, self.flag("quantizer")) if self.quantizer else None
+        if fake_op is not None and self.act_qspecs:
+            raise HarnessError(f"{self.flag('act_qspecs')} cannot be combined with {self.flag('quantizer')}: a "
+                               "model-level fake_op quantizes weights only, so the residual branch cannot be separated")
+        ModelDir(self.model_dir, self.model_flag)
+        return fake_op
 
 
 def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
     """A cache must come from this model (or, for a smoothed dir, from the model it was made from)."""
     fingerprint = mdir.fingerprint
-    if smooth:
-
-        meta_file = mdir.path / SMOOTH_META_FILE
-        if meta_file.is_file():
-            fingerprint = _read_smooth_meta(mdir).get("source_model_fingerprint", fingerprint)
+    if smooth and (mdir.path / SMOOTH_META_FILE).is_file():
+        fingerprint = _read_smooth_meta(mdir).get("source_model_fingerprint", fingerprint)
     hint = f"tokenwise-precision save_xy --model_dir <the model> --save_path {cache.path.parent} " \
            f"--label {cache.path.stem}"
-    cache.check_model(fingerprint, "--smooth_model_dir" if smooth else "--model_dir", hint)
+    cache.check_model(fingerprint, mdir.flag, hint)
 
 
-def run_eval(spec: EvalSpec, progress: bool = True, log=print) -> dict:
-    """Score the grid; return the §2.5 report (not yet written)."""
+class Evaluation:
+    """One model dir scored against one cache (see the module docstring)."""
+
+    def __init__(self, spec: EvalSpec, cache: XYCache | None = None):
+        self.spec = spec
+        self.fake_op = spec.validate()
+        self.grid = spec.grid()
+        self.device = pick_device(spec.device, spec.flag("device"))
+        self.mdir = ModelDir(spec.model_dir, spec.model_flag)
+        self.cache = cache if cache is not None else XYCache(spec.xy_path, spec.flag("xy_path"),
+                                                              verify=not spec.no_verify_cache)
+        check_cache_model(self.cache, self.mdir, spec.smooth)
+        self._model = None
+        self._source = None
+
+    # ------------------------------------------------------------ engine path
+    @cached_property
+    def engine(self) -> str:
+        """Which engine path scores this model (decided without loading anything)."""
+        if self.fake_op is not None:
+            return ENGINE_MODEL_OP
+        if self.mdir.safetensors_index is not None and self.mdir.targets():
+            return ENGINE_SHARDS
+        return ENGINE_LOADED
+
+    def model(self):
+        """The instantiated model (loaded at most once): for a .bin checkpoint or a user's fake_op."""
+        if self._model is None:
+            if self.spec.smooth:
+                from tokenwise_harness.calib.smooth import load_smoothed_model
+
+                self._model = load_smoothed_model(str(self.mdir.path), self.spec.torch_dtype, self.spec.device_map)
+            else:
+                self._model = load_model(self.mdir, self.spec.torch_dtype, self.spec.device_map)
+        return self._model
+
+    def _weights(self):
+        """The per-weight engine's weight source, made once; its projections must match the cache's."""
+        from tokenwise_harness import engine
+
+        if self._source is None:
+            if self.engine == ENGINE_SHARDS:
+                source = engine.CheckpointWeights(self.mdir, self.spec.smooth)
+            else:
+                source = engine.ModuleWeights(self.model(), self.spec.smooth)
+            engine.check_alignment(self.cache, source.targets(), self.spec.model_flag)
+            self._source = source
+        return self._source
+
+    # ------------------------------------------------------------ scoring
+    def score(self, configs: Iterable[SvdqConfig] | None = None, targets: Iterable[Target] | None = None,
+              progress: bool = False) -> Results:
+        """{(layer, block, proj): {cfg key: metrics}} of `configs` (default: the grid) on `targets`
+        (default: every projection).
+
+        Each target is decomposed once for all `configs`. A model-level fake_op quantizes the
+        whole model per config, so with one every projection is scored (and returned),
+        whatever `targets` says. Every cached tensor the numbers come from has passed its
+        checksum when they are returned: a whole-cache run hashes on a thread pool beside the
+        engine (or up front with verify_cache), a partial one as each tensor streams.
+        """
+        from tokenwise_harness import engine
+
+        configs = list(self.grid if configs is None else configs)
+        whole = targets is None
+        if whole and self.spec.verify_cache:
+            self.cache.verify_checksums()
+        elif whole:
+            self.cache.verify_in_background()  # joined below, before anything is returned
+        try:
+            if self.fake_op is not None:
+                results = engine.evaluate_with_model_op(
+                    self.cache, self.model(), self.fake_op, configs, self.spec.chunk_tokens, self.device,
+                    self.spec.smooth, self.spec.no_restore, progress)
+            else:
+                source = self._weights()
+                results = engine.evaluate_grid(self.cache, source, configs, self.spec.chunk_tokens, self.device,
+                                               targets=None if whole else list(targets), progress=progress)
+        except BaseException:
+            self.cache.stop_background()
+            raise
+        self.cache.wait_verified()
+        return results
+
+    # ------------------------------------------------------------ report meta
+    def meta(self) -> dict:
+        """The §2.5 report's meta for this evaluation (the grid, not only what was scored)."""
+        spec = self.spec
+        meta = {
+            "xy_path": str(spec.xy_path),
+            "xy_meta": self.cache.meta,
+            "grid_mode": spec.grid_mode,
+            "ranks": list(spec.ranks),
+            "qspecs": [[q.fmt, str(q.blk)] for q in spec.qspecs],
+            "smooth": spec.smooth,
+            "chunk_tokens": spec.chunk_tokens,
+            "model_dir": str(spec.model_dir),
+            "model_fingerprint": self.mdir.fingerprint,
+            "configs": [c.key for c in self.grid],
+            "quantizer": spec.quantizer or DEFAULT_QUANTIZER,
+            "engine": self.engine,
+            "harness_version": __version__,
+        }
+        if spec.act_qspecs:
+            meta["act_qspecs"] = [[q.fmt, str(q.blk)] for q in spec.act_qspecs]
+        smooth_meta = _smooth_meta(self.mdir) if spec.smooth else None
+        if smooth_meta:
+            meta["smooth_meta"] = smooth_meta
+        return meta
+
+
+def run_eval(spec: EvalSpec, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Score the whole grid on every projection; return the §2.5 report (not yet written)."""
     from tokenwise_harness.report import document as report
 
-    if spec.chunk_tokens <= 0:
-        raise HarnessError(f"--chunk_tokens {spec.chunk_tokens} must be a positive token count")
-    grid = spec.grid()
-    resolve_torch_dtype(spec.torch_dtype)
-    device = pick_device(spec.device)
-    fake_op = resolve_callable(spec.quantizer, "--quantizer") if spec.quantizer else None
-    if fake_op is not None and spec.act_qspecs:
-        raise HarnessError("--act_qspecs cannot be combined with --quantizer: a model-level fake_op quantizes "
-                           "weights only, so the residual branch cannot be separated")
-    mdir = ModelDir(spec.model_dir, spec.model_flag)
-    cache = XYCache(spec.xy_path, verify=not spec.no_verify_cache)
-    check_cache_model(cache, mdir, spec.smooth)
-    if spec.verify_cache:
-        cache.verify_checksums()
-    else:
-        cache.verify_in_background()  # joined below, before anything is written
+    ev = Evaluation(spec)
     started = time.perf_counter()
-    try:
-        results, engine = _score(spec, mdir, cache, grid, device, fake_op, progress)
-    except BaseException:
-        cache.stop_background()
-        raise
-    cache.wait_verified()
-    meta = {
-        "xy_path": str(spec.xy_path),
-        "xy_meta": cache.meta,
-        "grid_mode": spec.grid_mode,
-        "ranks": list(spec.ranks),
-        "qspecs": [[q.fmt, str(q.blk)] for q in spec.qspecs],
-        "smooth": spec.smooth,
-        "chunk_tokens": spec.chunk_tokens,
-        "model_dir": str(spec.model_dir),
-        "model_fingerprint": mdir.fingerprint,
-        "configs": [c.key for c in grid],
-        "quantizer": spec.quantizer or "tokenwise_harness.numerics.svdq:fake_op",
-        "engine": engine,
-        "harness_version": __version__,
-    }
-    if spec.act_qspecs:
-        meta["act_qspecs"] = [[q.fmt, str(q.blk)] for q in spec.act_qspecs]
-    smooth_meta = _smooth_meta(mdir) if spec.smooth else None
-    if smooth_meta:
-        meta["smooth_meta"] = smooth_meta
-    log(f"eval: {len(results)} projections x {len(grid)} configs in {time.perf_counter() - started:.1f} s "
-        f"({engine}; {_reuse_line()})")
-    return report.build_report(meta, results)
-
-
-def _score(spec: EvalSpec, mdir: ModelDir, cache: XYCache, grid, device, fake_op, progress):
-    """Run the right engine path; return (results, a name for it)."""
-    from tokenwise_harness import engine as evaluate
-
-    if fake_op is not None:
-        model = _load_for_eval(mdir, spec)
-        return evaluate.evaluate_with_model_op(cache, model, fake_op, grid, spec.chunk_tokens, device, spec.smooth,
-                                               spec.no_restore, progress), "model-level fake_op"
-    if mdir.safetensors_index is not None and mdir.targets():
-        source, engine = evaluate.CheckpointWeights(mdir, spec.smooth), "per-weight (checkpoint shards)"
-    else:
-        source, engine = evaluate.ModuleWeights(_load_for_eval(mdir, spec), spec.smooth), "per-weight (loaded model)"
-    return evaluate.evaluate_grid(cache, source, grid, spec.chunk_tokens, device, progress=progress), engine
+    results = ev.score(progress=progress)
+    log(f"eval: {len(results)} projections x {len(ev.grid)} configs in {time.perf_counter() - started:.1f} s "
+        f"({ev.engine}; {_reuse_line()})")
+    return report.build_report(ev.meta(), results)
 
 
 def _reuse_line() -> str:
@@ -156,17 +253,13 @@ def _reuse_line() -> str:
 
 
 def _smooth_meta(mdir: ModelDir) -> dict | None:
-
-    f = mdir.path / SMOOTH_META_FILE
-    if not f.is_file():
+    if not (mdir.path / SMOOTH_META_FILE).is_file():
         return None
     data = _read_smooth_meta(mdir)
     return {k: v for k, v in data.items() if k in ("alpha", "formula", "alphas", "source_model_fingerprint")}
 
 
 def _read_smooth_meta(mdir: ModelDir) -> dict:
-    import json
-
     path = mdir.path / SMOOTH_META_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -177,11 +270,3 @@ def _read_smooth_meta(mdir: ModelDir) -> dict:
         raise HarnessError(f"{mdir.flag} {mdir.path}: {SMOOTH_META_FILE} is not a JSON object; "
                            "re-create the dir with `tokenwise-precision smooth`")
     return data
-
-
-def _load_for_eval(mdir: ModelDir, spec: EvalSpec):
-    if spec.smooth:
-        from tokenwise_harness.calib.smooth import load_smoothed_model
-
-        return load_smoothed_model(str(mdir.path))
-    return load_model(mdir, spec.torch_dtype, spec.device_map)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from tokenwise_harness import __version__
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.report.document import METRIC_KEYS
 
@@ -88,7 +87,7 @@ class HarnessSession:
         return _usage(lambda: cls(config))
 
     def __init__(self, config):
-        from tokenwise_harness.grid import GRID_MODES, build_grid, parse_qspecs, parse_ranks
+        from tokenwise_harness.grid import parse_qspecs, parse_ranks
         from tokenwise_harness.verdict.thresholds import load_thresholds
 
         self.config = config
@@ -102,30 +101,27 @@ class HarnessSession:
             thresholds_path = default_thresholds
         self.thresholds = load_thresholds(Path(thresholds_path) if thresholds_path else None)
         grid_cfg = self.thresholds.grid or {}  # already parsed: ranks list[int], qspecs list[QSpec]
-        self.grid_mode = opt("--grid-mode") or grid_cfg.get("grid_mode", "combined")
-        if self.grid_mode not in GRID_MODES:
-            raise HarnessError(f"--grid-mode {self.grid_mode!r} is unknown; use one of: {', '.join(GRID_MODES)}")
-        self.ranks = parse_ranks(opt("--ranks"), "--ranks") if opt("--ranks") else grid_cfg.get("ranks", [16, 32])
-        self.qspecs = (parse_qspecs(opt("--qspecs"), "--qspecs") if opt("--qspecs")
-                       else grid_cfg.get("qspecs") or parse_qspecs("nvfp4@128"))
-        self.act_qspecs = (parse_qspecs(opt("--act-qspecs"), "--act-qspecs") if opt("--act-qspecs")
-                           else grid_cfg.get("act_qspecs") or [])
-        self.iters = opt("--lowrank-iters") or int(grid_cfg.get("iters", 1))
-        self.grid = build_grid(self.ranks, self.qspecs, self.grid_mode, self.act_qspecs, self.iters)
-        self.chunk_tokens = opt("--chunk-tokens")
-        if self.chunk_tokens <= 0:
-            raise HarnessError(f"--chunk-tokens {self.chunk_tokens} must be positive")
-        from tokenwise_harness.checkpoint import resolve_torch_dtype
-
-        resolve_torch_dtype(opt("--torch-dtype"), "--torch-dtype")
-        self.variants = self._variants()
-        self.xy_path = opt("--xy-path")
-        self.device = self._device()
+        iters = opt("--lowrank-iters")
+        # Every option the scoring uses, in pytest's spelling; EvalSpec.validate checks them (run.py).
+        self.spec_options = dict(
+            ranks=parse_ranks(opt("--ranks"), "--ranks") if opt("--ranks") else grid_cfg.get("ranks", [16, 32]),
+            qspecs=(parse_qspecs(opt("--qspecs"), "--qspecs") if opt("--qspecs")
+                    else grid_cfg.get("qspecs") or parse_qspecs("nvfp4@128")),
+            act_qspecs=(parse_qspecs(opt("--act-qspecs"), "--act-qspecs") if opt("--act-qspecs")
+                        else grid_cfg.get("act_qspecs") or []),
+            grid_mode=opt("--grid-mode") or grid_cfg.get("grid_mode", "combined"),
+            lowrank_iters=iters if iters is not None else int(grid_cfg.get("iters", 1)),
+            chunk_tokens=opt("--chunk-tokens"), quantizer=opt("--quantizer"), torch_dtype=opt("--torch-dtype"),
+            flag_style="-")
         self.quantizer = opt("--quantizer")
-        if self.quantizer:
-            from tokenwise_harness.run import resolve_callable
-
-            self.fake_op = resolve_callable(self.quantizer, "--quantizer")
+        self.variants = self._variants()
+        self.device = self._device()
+        self.spec_options["device"] = self.device
+        for variant in self.variants:
+            self._spec(variant).validate()
+        self.grid = self._spec(self.variants[0]).grid()
+        self.chunk_tokens = self.spec_options["chunk_tokens"]
+        self.xy_path = opt("--xy-path")
         self.update = opt("--update-baselines")
         self.update_new = opt("--update-baselines-new")
         self.report_path = opt("--tokenwise-report")
@@ -150,23 +146,19 @@ class HarnessSession:
         self.stale: list[str] = []
         self.warnings: list[str] = []
         self._provenance: dict = {}  # per variant, computed once
-        self._models: dict = {}  # per variant, loaded once (--quantizer runs only)
+        self._evaluations: dict = {}  # per variant: run.Evaluation (models loaded at most once)
         self._stores: dict = {}  # per variant, one baseline store
         config.pluginmanager.register(self, "tokenwise-session")
 
     # ------------------------------------------------------------ options
     def _variants(self) -> list[Variant]:
-        from tokenwise_harness.checkpoint import ModelDir
-
         opt = self.config.getoption
         variants = []
         if opt("--model-dir"):
-            ModelDir(opt("--model-dir"), "--model-dir")
             variants.append(Variant(False, opt("--model-dir"), "--model-dir"))
         if opt("--smooth-model-dir"):
             if opt("--smooth-alpha") is not None:
                 raise HarnessError("--smooth-alpha smooths --model-dir itself; give it or --smooth-model-dir, not both")
-            ModelDir(opt("--smooth-model-dir"), "--smooth-model-dir")
             variants.append(Variant(True, opt("--smooth-model-dir"), "--smooth-model-dir"))
         if not variants:
             raise HarnessError("--xy-path needs --model-dir (or --smooth-model-dir) for the weights to score")
@@ -190,15 +182,13 @@ class HarnessSession:
 
     def _prepare_cache(self) -> None:
         from tokenwise_harness.cache import XYCache
-        from tokenwise_harness.checkpoint import ModelDir
-        from tokenwise_harness.run import check_cache_model
 
         if self.xy_path:
             self.cache = XYCache(self.xy_path, "--xy-path")
         else:
             self.cache = XYCache(self._captured_cache(), "--xy-path")
         for v in self.variants:
-            check_cache_model(self.cache, ModelDir(v.model_dir, v.flag), v.smooth)
+            self.evaluation(v)  # the cache must come from this model
         if self.config.getoption("--smooth-alpha") is not None:
             self.variants.append(self._smoothed_variant())
 
@@ -353,40 +343,31 @@ class HarnessSession:
         return same or [item.case.cfg]
 
     def _compute_weight(self, item: TokenwiseItem) -> None:
-        from tokenwise_harness import engine as evaluate
+        """Score this item's weight: every selected config at once (one decomposition, one pass
+        over X). A model-level fake_op quantizes the whole model per config, so with one every
+        weight's selected configs are scored in that pass and kept for their items."""
         from tokenwise_harness.allowlist import Target
-        from tokenwise_harness.checkpoint import ModelDir, load_model
 
         variant, case = item.variant, item.case
-        target = Target(case.layer, case.block, case.proj)
-        cfgs = self._selected_cfgs(item)
-        mdir = ModelDir(variant.model_dir, variant.flag)
-        if self.quantizer:
-            # A model-level fake_op quantizes every weight per config: run each selected
-            # config of the variant once, for all weights, instead of once per weight.
-            cfgs = self._selected_cfgs(item, same_weight=False)
-            model = self._user_model(variant, mdir)
-            results = evaluate.evaluate_with_model_op(self.cache, model, self.fake_op, cfgs, self.chunk_tokens,
-                                                      self.device, variant.smooth, progress=False)
-            for (layer, block, proj), metrics in results.items():
-                self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
-            return
-        if mdir.safetensors_index is not None and target in mdir.targets():
-            source = evaluate.CheckpointWeights(mdir, variant.smooth)
-        else:
-            source = evaluate.ModuleWeights(load_model(mdir, self.config.getoption("--torch-dtype")), variant.smooth)
-        results = evaluate.evaluate_grid(self.cache, source, cfgs, self.chunk_tokens, self.device,
-                                         targets=[target], progress=False)
-        self.computed[(variant, case.layer, case.block, case.proj)] = results[(case.layer, case.block, case.proj)]
+        evaluation = self.evaluation(variant)
+        cfgs = self._selected_cfgs(item, same_weight=evaluation.fake_op is None)
+        results = evaluation.score(cfgs, [Target(case.layer, case.block, case.proj)])
+        for (layer, block, proj), metrics in results.items():
+            self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
 
-    def _user_model(self, variant: Variant, mdir):
-        if variant not in self._models:
-            from tokenwise_harness.calib.smooth import load_smoothed_model
-            from tokenwise_harness.checkpoint import load_model
+    def _spec(self, variant: Variant, xy_path: str = ""):
+        from tokenwise_harness.run import EvalSpec
 
-            self._models[variant] = (load_smoothed_model(mdir.path) if variant.smooth
-                                     else load_model(mdir, self.config.getoption("--torch-dtype")))
-        return self._models[variant]
+        return EvalSpec(model_dir=variant.model_dir, xy_path=xy_path, smooth=variant.smooth, model_flag=variant.flag,
+                        **self.spec_options)
+
+    def evaluation(self, variant: Variant):
+        """The run module's Evaluation of a variant on the session's cache (made once)."""
+        from tokenwise_harness.run import Evaluation
+
+        if variant not in self._evaluations:
+            self._evaluations[variant] = Evaluation(self._spec(variant, str(self.cache.path)), self.cache)
+        return self._evaluations[variant]
 
     # ------------------------------------------------------------ baselines
     def _store(self, variant: Variant):
@@ -405,6 +386,7 @@ class HarnessSession:
         import torch
 
         from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.run import DEFAULT_QUANTIZER
         from tokenwise_harness.verdict.baselines import build_provenance
 
         if variant not in self._provenance:
@@ -417,7 +399,7 @@ class HarnessSession:
                 device=torch.cuda.get_device_name(self.device) if on_cuda else "cpu",
                 torch_version=torch.__version__,
                 cuda_version=torch.version.cuda if on_cuda else None,
-                cwd=self.rootdir), quantizer=self.quantizer or "tokenwise_harness.numerics.svdq:fake_op")
+                cwd=self.rootdir), quantizer=self.quantizer or DEFAULT_QUANTIZER)
         return self._provenance[variant]
 
     # ------------------------------------------------------------ recording (controller side)
@@ -504,12 +486,7 @@ class HarnessSession:
         for cid in sorted(self.recorded):
             p = self.recorded[cid]
             cases[cid] = {k: p[k] for k in ("config", "smooth", "verdict", "limits", "baseline")}
-        variant = self.variants[0]
-        meta = {"xy_path": str(self.cache.path), "xy_meta": self.cache.meta, "grid_mode": self.grid_mode,
-                "ranks": self.ranks, "qspecs": [[q.fmt, str(q.blk)] for q in self.qspecs],
-                "smooth": variant.smooth, "chunk_tokens": self.chunk_tokens,
-                "configs": [c.key for c in self.grid], "model_dir": variant.model_dir,
-                "quantizer": self.quantizer or "tokenwise_harness.numerics.svdq:fake_op", "harness_version": __version__}
+        meta = self.evaluation(self.variants[0]).meta()
         rep = report.build_report(meta, results)
         rep["cases"] = cases
         report.write_report(rep, Path(self.report_path), flag="--tokenwise-report")
