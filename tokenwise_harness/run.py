@@ -32,6 +32,7 @@ from tokenwise_harness.checkpoint import ModelDir, load_model, resolve_torch_dty
 from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
+from tokenwise_harness.text import plural
 
 DEFAULT_QUANTIZER = "tokenwise_harness.numerics.svdq:fake_op"
 ENGINE_MODEL_OP = "model-level fake_op"
@@ -237,7 +238,7 @@ def run_eval(spec: EvalSpec, progress: bool = True, log: Callable[[str], None] =
     ev = Evaluation(spec)
     started = time.perf_counter()
     results = ev.score(progress=progress)
-    log(f"eval: {len(results)} projections x {len(ev.grid)} configs in {time.perf_counter() - started:.1f} s "
+    log(f"eval: {plural(len(results), 'projection')} x {plural(len(ev.grid), 'config')} in {time.perf_counter() - started:.1f} s "
         f"({ev.engine}; {_reuse_line()})")
     return report.build_report(ev.meta(), results)
 
