@@ -22,6 +22,15 @@ if "TOKENWISE_CACHE_DIR" not in os.environ:  # digest memo + low-rank store: one
 DEMO_FAMILIES = ("qwen3", "llama", "qwen2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_tokenwise_cache(tmp_path_factory):
+    """The harness's shared user cache (~/.cache/tokenwise_harness) stays out of the tests:
+    every run of this session, inner pytester and subprocess runs included, uses a temp one."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOKENWISE_CACHE_DIR", str(tmp_path_factory.mktemp("tokenwise_user_cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):
     """A 2-layer Qwen3 demo model dir (seed 0, default sizes, planted outliers in layer 0)."""

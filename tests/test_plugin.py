@@ -526,29 +526,36 @@ def test_error_while_scoring_fails_that_case_in_one_line(pytester, harness):
 # ---------------------------------------------------------------- 9. captured cache
 
 
-def test_cache_captured_once_reused_and_refreshed(pytester):
+def test_cache_captured_once_reused_and_refreshed(pytester, monkeypatch):
+    """The shared user cache (here $TOKENWISE_CACHE_DIR): captured once, reused, and a changed
+    model's old entry dropped, while an entry of another dir's model of the same name stays."""
     model = make_demo_model("qwen3", pytester.path / "m", num_layers=2)
-    cache_dir = pytester.path / ".tokenwise_cache"
-    cache_dir.mkdir()
-    bystander = cache_dir / "m-large-0123456789ab-0123456789ab.safetensors"  # another model's cache
+    monkeypatch.setenv("TOKENWISE_CACHE_DIR", str(pytester.path / "uc"))
+    xy = pytester.path / "uc" / "xy"
+    xy.mkdir(parents=True)
+    bystander = xy / "m-0123456789ab-0123456789ab.safetensors"  # another dir's model named m
     bystander.write_text("not ours")
+    (xy / (bystander.name + ".json")).write_text(json.dumps({"model_dir": "/elsewhere/m", "model_fingerprint": "0" * 64}))
     args = ["--model-dir", "m", *XY_SMALL, "--ranks", "8", "--qspecs", "nvfp4@16", "-k", "layer0-self_attn-q_proj"]
 
+    def caches():
+        return sorted(p for p in xy.glob("*.safetensors") if p != bystander)
+
     pytester.runpytest(*args, "--update-baselines").assert_outcomes(passed=1)
-    (first,) = [p for p in cache_dir.iterdir() if p != bystander]
+    (first,) = caches()
     fingerprint = ModelDir(model).fingerprint
     assert first.name.startswith(f"m-{fingerprint[:12]}-") and first.suffix == ".safetensors"
     stamp = (first.stat().st_ino, first.stat().st_mtime_ns)
 
     pytester.runpytest(*args).assert_outcomes(passed=1)  # reused, not captured again
-    assert [p for p in cache_dir.iterdir() if p != bystander] == [first]
+    assert caches() == [first]
     assert (first.stat().st_ino, first.stat().st_mtime_ns) == stamp
     old_copy = shutil.copy(first, pytester.path / "old.safetensors")
 
     make_demo_model("qwen3", model, num_layers=2, seed=1, overwrite=True)  # the model changes
     result = pytester.runpytest(*args, "--update-baselines")
     result.assert_outcomes(passed=1)
-    (second,) = [p for p in cache_dir.iterdir() if p != bystander]
+    (second,) = caches()
     assert second.name.startswith(f"m-{ModelDir(model).fingerprint[:12]}-") and second != first
     assert not first.exists() and bystander.read_text() == "not ours"
 
@@ -568,9 +575,9 @@ def test_smooth_alpha_adds_smoothed_cases(pytester, demo):
                                     f"--tokenwise-cache-dir={pytester.path / 'tc'}", "-p", "no:randomly")
         result.assert_outcomes(passed=2)  # plain + smoothed layer0 q_proj
         result.stdout.fnmatch_lines(["*layer0-self_attn-q_proj-rank8-nvfp4-blk16-smooth*"])
-    smoothed = sorted(p.name for p in (pytester.path / "tc").iterdir())
+    smoothed = sorted(p.name for p in (pytester.path / "tc" / "smoothed").iterdir() if p.is_dir())
     assert len(smoothed) == 2 and all("-smooth-" in name for name in smoothed)
-    meta = json.loads((pytester.path / "tc" / smoothed[1] / "tokenwise_smooth.json").read_text())
+    meta = json.loads((pytester.path / "tc" / "smoothed" / smoothed[1] / "tokenwise_smooth.json").read_text())
     assert meta["alpha"] == "search" and meta["alphas"]
     result = pytester.runpytest(f"--model-dir={model}", f"--xy-path={cache}", "--smooth-alpha=1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR

@@ -108,11 +108,14 @@ def _run_batches(model, input_ids, mask, batch_size, device, use_cache, progress
     import torch
     from tqdm import tqdm
 
-    starts = range(0, input_ids.shape[0], batch_size)
-    with torch.inference_mode():
-        for s in tqdm(starts, desc="save_xy", unit="batch", disable=not progress):
-            model(input_ids=input_ids[s:s + batch_size].to(device),
-                  attention_mask=mask[s:s + batch_size].to(device), use_cache=use_cache)
+    # progress: False, True (stderr) or a text stream to draw on; the bar counts tokens (rate, ETA).
+    stream = None if isinstance(progress, bool) else progress
+    with torch.inference_mode(), tqdm(total=input_ids.numel(), desc="save_xy", unit="tok", unit_scale=True,
+                                      file=stream, disable=not progress) as bar:
+        for s in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[s:s + batch_size]
+            model(input_ids=ids.to(device), attention_mask=mask[s:s + batch_size].to(device), use_cache=use_cache)
+            bar.update(ids.numel())
 
 
 def _cache_layout(targets, n_tokens: int, compact: bool) -> tuple[dict, dict]:

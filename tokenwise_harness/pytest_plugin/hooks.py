@@ -39,7 +39,12 @@ def pytest_addoption(parser):
     g.addoption("--xy-eu", default=80, type=int, help="capture: non-Chinese samples (default 80)")
     g.addoption("--xy-length", default=128, type=int, help="capture: tokens per sample (default 128)")
     g.addoption("--xy-seed", default=0, type=int, help="capture: sampling seed (default 0)")
-    g.addoption("--tokenwise-cache-dir", default=None, help="where captured caches live (default .tokenwise_cache/)")
+    g.addoption("--xy-full", action="store_true",
+                help="capture: the seed's full layout (every X and Y) instead of the compact one (shared X, no Y)")
+    g.addoption("--tokenwise-cache-dir", default=None,
+                help="where captured caches and smoothed models live (default $TOKENWISE_CACHE_DIR, else "
+                     "$XDG_CACHE_HOME/tokenwise_harness, i.e. ~/.cache/tokenwise_harness); "
+                     "list and prune with `tokenwise-precision cache ls|prune`")
 
 
 def _session(config):

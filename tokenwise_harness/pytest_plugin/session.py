@@ -193,61 +193,42 @@ class HarnessSession:
             self.variants.append(self._smoothed_variant())
 
     def _smoothed_variant(self) -> Variant:
-        """--smooth-alpha A|search: smooth --model-dir on the session's cache (once, kept beside the
-        captured caches, keyed by model, data and alpha) and gate the smoothed model too."""
-        from tokenwise_harness.calib.smooth import parse_alpha, smooth
+        """--smooth-alpha A|search: smooth --model-dir on the session's cache (once, kept in the shared
+        user cache beside the captured caches, keyed by model, data and alpha) and gate it too."""
+        from tokenwise_harness.cache_store import CacheStore, smoothed_model
+        from tokenwise_harness.calib.smooth import parse_alpha
         from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.pytest_plugin.progress import log_line
 
         opt = self.config.getoption
         plain = [v for v in self.variants if not v.smooth]
         if not plain:
             raise HarnessError("--smooth-alpha needs --model-dir: it smooths that model on the cache")
         alpha = parse_alpha(opt("--smooth-alpha"), flag="--smooth-alpha")
-        mdir = ModelDir(plain[0].model_dir, "--model-dir")
-        data_fp = self.cache.metadata.get("data_fingerprint", "nodata")[:12]
-        cache_dir = Path(opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")
-        out = cache_dir / f"{mdir.name}-{mdir.fingerprint[:12]}-{data_fp}-smooth-{alpha}"
-        if not (out / "config.json").is_file() and not self.is_worker:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            smooth(mdir.path, self.cache.path, out, alpha=alpha, chunk_tokens=self.chunk_tokens,
-                   device=self.device, log=lambda msg: None)
+        out = smoothed_model(CacheStore(opt("--tokenwise-cache-dir")), ModelDir(plain[0].model_dir, "--model-dir"),
+                             self.cache, alpha, build=not self.is_worker, chunk_tokens=self.chunk_tokens,
+                             device=self.device, log=log_line(self.config))
         return Variant(True, str(out), "--smooth-alpha")
 
     def _captured_cache(self) -> Path:
-        """The cache for --model-dir, keyed by model and data fingerprints; captured when missing."""
-        import glob
-        import re
-
-        from tokenwise_harness.capture import data
-        from tokenwise_harness.capture.save_xy import cache_path, save_xy
-        from tokenwise_harness.checkpoint import ModelDir, load_tokenizer
+        """The shared user cache's X/Y cache for --model-dir (cache_store.py); captured when missing."""
+        from tokenwise_harness.cache_store import CacheStore, captured_xy
+        from tokenwise_harness.checkpoint import ModelDir
+        from tokenwise_harness.pytest_plugin.progress import log_line, progress_stream
 
         plain = [v for v in self.variants if not v.smooth]
         if not plain:
             raise HarnessError("--smooth-model-dir without --xy-path needs --model-dir to capture a cache from")
         opt = self.config.getoption
-        mdir = ModelDir(plain[0].model_dir, "--model-dir")
         try:
-            batch = data.get_veri_data(load_tokenizer(mdir), opt("--xy-seed"), opt("--xy-cn"), opt("--xy-length"),
-                                       opt("--xy-eu"), opt("--xy-length"), "cpu")
+            return captured_xy(CacheStore(opt("--tokenwise-cache-dir")), ModelDir(plain[0].model_dir, "--model-dir"),
+                               seed=opt("--xy-seed"), cn=opt("--xy-cn"), eu=opt("--xy-eu"), length=opt("--xy-length"),
+                               torch_dtype=opt("--torch-dtype"), device=self.device, compact=not opt("--xy-full"),
+                               build=not self.is_worker, progress=progress_stream(self.config), log=log_line(self.config))
         except HarnessError as exc:  # data.py names the CLI flags; here they are --xy-cn, --xy-eu, --xy-length
             import re
 
             raise HarnessError(re.sub(r"--(cn|eu|length)\b", r"--xy-\1", str(exc))) from None
-        label = f"{mdir.name}-{mdir.fingerprint[:12]}-{data.data_fingerprint(batch)[:12]}"
-        cache_dir = Path(opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")
-        path = cache_path(cache_dir, label)
-        if path.is_file() or self.is_worker:
-            return path
-        # The model or the data changed: this model's older caches are stale. Only names of
-        # exactly this shape: a model named "m-large" keeps its caches when "m" refreshes.
-        own = re.compile(rf"^{re.escape(mdir.name)}-[0-9a-f]{{12}}-[0-9a-f]{{12}}{re.escape(path.suffix)}$")
-        for old in cache_dir.glob(f"{glob.escape(mdir.name)}-*{path.suffix}"):
-            if own.match(old.name):
-                old.unlink()
-        return save_xy(mdir.path, cache_dir, label, seed=opt("--xy-seed"), cn=opt("--xy-cn"), eu=opt("--xy-eu"),
-                       length=opt("--xy-length"), torch_dtype=opt("--torch-dtype"), device=self.device,
-                       progress=False, log=lambda msg: None)
 
     # ------------------------------------------------------------ collection
     def collect(self, session, items: list) -> None:
@@ -534,7 +515,7 @@ def _check_rootdir(config) -> None:
     pytest chooses the rootdir and ini file before it loads plugins, so it does not know our
     options yet and takes the value in `--model-dir /models/m` for a test path: the rootdir
     becomes an ancestor of the model dir, and the project's ini file (testpaths, addopts) and
-    the default thresholds.yaml, baselines/ and .tokenwise_cache/ are looked for there.
+    the default thresholds.yaml and baselines/ are looked for there.
     Rather than gate against the wrong files, say so and how to write the option.
     """
     import inspect
