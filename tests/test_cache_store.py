@@ -129,6 +129,21 @@ def test_ls_and_prune(tmp_path):
     assert [e.path for e in store.prune(everything=True)] == [new] and store.entries() == []
 
 
+def test_memo_stores_listed_and_pruned_by_file_age(tmp_path):
+    """memo.py's low-rank store and digest memo share the root: one entry each, pruned by file age."""
+    store = CacheStore(tmp_path / "root")
+    old, new = tmp_path / "root" / "lowrank" / "ab" / "old.safetensors", tmp_path / "root" / "lowrank" / "cd" / "new.safetensors"
+    for f, size, days in ((old, 700, 20), (new, 300, 0)):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"w" * size)
+        os.utime(f, (time.time() - days * 86400,) * 2)
+    (entry,) = store.entries()
+    assert (entry.kind, entry.path, entry.size, entry.age_days < 0.01) == ("lowrank", old.parents[1], 1000, True)
+    (gone,) = store.prune(older_than_days=7)
+    assert (gone.kind, gone.size) == ("lowrank", 700) and not old.exists() and new.exists()
+    assert [e.size for e in store.prune(everything=True)] == [300] and store.entries() == []
+
+
 def test_reuse_refreshes_last_use_and_new_weights_drop_old_entries(tmp_path):
     store = CacheStore(tmp_path / "root")
     old = _entry(store, "m", 10, 30, model_dir="/models/m", model_fingerprint="1" * 64)

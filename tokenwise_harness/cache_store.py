@@ -11,6 +11,8 @@ Layout:
     <root>/<kind>/<entry>.json    one record per entry: model dir, tokens, created; its mtime is
                                   the entry's last use (what `cache ls` shows and `prune` ages by)
     <root>/locks/<entry>.lock     one file lock per entry
+    <root>/lowrank/, <root>/digests/   memo.py's low-rank factors and weight digests (many small
+                                  files, no lock needed): listed as one entry each, pruned by file age
 
 Entries are keyed by model and data fingerprints, so a changed model or capture size never
 reuses a stale one. Building an entry holds its lock: a second run that wants the same entry
@@ -34,19 +36,18 @@ from pathlib import Path
 
 from tokenwise_harness.errors import HarnessError
 
-ENV_VAR = "TOKENWISE_CACHE_DIR"
 APP_NAME = "tokenwise_harness"
 KINDS = ("xy", "smoothed")
+MEMO_KINDS = ("lowrank", "digests")  # memo.py's stores: listed and pruned as one entry each
 RECORD_SUFFIX = ".json"
 
 
 def default_root() -> Path:
-    """$TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness."""
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / APP_NAME
+    """$TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness
+    (the root memo.py's digest memo and low-rank store use too)."""
+    from tokenwise_harness.memo import cache_root
+
+    return Path(cache_root()).expanduser()
 
 
 def resolve_root(option: str | os.PathLike | None) -> Path:
@@ -177,6 +178,11 @@ class CacheStore:
                 out.append(Entry(kind, path, rec.get("model_name") or _safetensors_meta(path).get("model_name", "?"),
                                  rec.get("model_dir", ""), int(tokens) if tokens is not None else None,
                                  _size(path), used))
+        for kind in MEMO_KINDS:
+            files = _memo_files(self.root / kind)
+            if files:
+                out.append(Entry(kind, self.root / kind, "-", "", None, sum(st.st_size for _, st in files),
+                                 max(st.st_mtime for _, st in files)))
         return sorted(out, key=lambda e: e.last_used)
 
     def prune(self, older_than_days: float | None = None, everything: bool = False, dry_run: bool = False) -> list[Entry]:
@@ -186,10 +192,20 @@ class CacheStore:
             raise HarnessError("cache prune: give --older-than DAYS or --all")
         if older_than_days is not None and older_than_days < 0:
             raise HarnessError(f"--older-than {older_than_days} must be >= 0 days")
-        chosen = [e for e in self.entries() if everything or e.age_days >= older_than_days]
+        entries = self.entries()
+        chosen = [e for e in entries if e.kind in KINDS and (everything or e.age_days >= older_than_days)]
+        for e in entries:  # memo stores: their old files (all of them with --all)
+            cutoff = time.time() - (0 if everything else older_than_days * 86400)
+            old = [(f, st) for f, st in _memo_files(e.path) if everything or st.st_mtime <= cutoff] if e.kind in MEMO_KINDS else []
+            if old:
+                if not dry_run:
+                    for f, _ in old:
+                        f.unlink(missing_ok=True)
+                chosen.append(Entry(e.kind, e.path, "-", "", None, sum(st.st_size for _, st in old),
+                                    max(st.st_mtime for _, st in old)))
         if dry_run:
             return chosen
-        return [e for e in chosen if self._remove(e, wait=False)]
+        return [e for e in chosen if e.kind in MEMO_KINDS or self._remove(e, wait=False)]
 
     def _remove(self, entry: Entry, wait: bool) -> bool:
         from filelock import Timeout
@@ -260,6 +276,18 @@ def smoothed_model(store: CacheStore, mdir, cache, alpha, *, build: bool = True,
         smooth(mdir.path, cache.path, out, alpha=alpha, chunk_tokens=chunk_tokens, device=device, log=lambda msg: None)
 
     return store.ensure(out, build_it, record, log=log)
+
+
+def _memo_files(folder: Path) -> list[tuple[Path, os.stat_result]]:
+    out = []
+    if folder.is_dir():
+        for f in folder.rglob("*"):
+            try:
+                if f.is_file() and not f.name.startswith(".tmp-"):
+                    out.append((f, f.stat()))
+            except OSError:
+                pass
+    return out
 
 
 def _size(path: Path) -> int:
