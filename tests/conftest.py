@@ -57,3 +57,17 @@ def demo_tokenizer():
     from tokenwise_harness.demo.models import make_demo_tokenizer
 
     return make_demo_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on a machine without CUDA (select them with `-m cuda`)."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run with -m cuda on the GPU machine)")
+    for item in marked:
+        item.add_marker(skip)

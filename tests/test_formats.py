@@ -1,32 +1,26 @@
-"""Formats against an independent oracle.
+"""Formats against independent oracles.
 
-The oracle below is written from the recipes in formats.py's docstring, not from its code:
-numpy float64, a Python loop over the real elements of each block (no padding), ml_dtypes
-for every cast to a low-precision type, math.log2 for the MX exponent. Each float32
-operation of a recipe is computed in float64 and rounded to float32 (`f32`); for a single
-+, -, *, / of two float32 values that is exactly the float32 result, because float64 has
-more than 2*24+2 significand bits (double rounding is innocuous). So "bit for bit" below
-means: same float32 values (+0 and -0 compare equal).
+* tests/oracles.py's `fake_quantize_ref`: every recipe in numpy float64 with ml_dtypes casts,
+  written from formats.py's docstring (see that module for why it is bit-exact).
+* The element grids: every bit pattern of the ml_dtypes type, enumerated.
+* torchao's own NVFP4 and MXFP4 casts, when torchao is installed: equal to ours everywhere
+  except the two places formats.py's docstring names (pinned by the tests below).
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 import zlib
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.oracles import E2M1, E4M3, E8M0, assert_bitwise, cast, fake_quantize_ref, grid_of, mx_exponent
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.numerics import formats
-
-E2M1 = ml_dtypes.float4_e2m1fn
-E4M3 = ml_dtypes.float8_e4m3fn
-E8M0 = ml_dtypes.float8_e8m0fnu
 
 ALL_FMTS = sorted(formats.FORMATS)
 
@@ -34,91 +28,10 @@ ALL_FMTS = sorted(formats.FORMATS)
 # ----------------------------------------------------------------------------- the oracle
 
 
-def f32(a):
-    """Round float64 values to float32 (and keep them as float64)."""
-    return np.asarray(a, np.float64).astype(np.float32).astype(np.float64)
-
-
-def cast(a, dtype):
-    """Round through an ml_dtypes type and back."""
-    return np.asarray(a, np.float64).astype(dtype).astype(np.float64)
-
-
-def _nz(s):
-    return s if s > 0 else 1.0
-
-
-def oracle_nvfp4_block(b, pts):
-    bs = f32(np.abs(b).max() / 6.0)
-    s = cast(np.clip(f32(bs / pts), 2.0**-6, 448.0), E4M3)
-    total = f32(pts * s)
-    q = cast(np.clip(f32(b / total), -6.0, 6.0), E2M1)
-    return f32(q * total)
-
-
-def oracle_mxfp4_block(b):
-    amax = np.abs(b).max()
-    shared = -127 if amax == 0 else min(max(math.floor(math.log2(amax)) - 2, -127), 127)
-    x = 2.0**shared
-    assert cast(x, E8M0) == x  # an E8M0 value
-    q = cast(np.clip(f32(b / x), -6.0, 6.0), E2M1)
-    return f32(q * x)
-
-
-def oracle_fp4_block(b):
-    s = _nz(f32(np.abs(b).max() / 6.0))
-    return f32(cast(np.clip(f32(b / s), -6.0, 6.0), E2M1) * s)
-
-
-def oracle_fp8_block(b):
-    s = _nz(f32(np.abs(b).max() / 448.0))
-    return f32(cast(np.clip(f32(b / s), -448.0, 448.0), E4M3) * s)
-
-
-def oracle_int_block(b, qmax):
-    s = _nz(f32(np.abs(b).max() / qmax))
-    return f32(np.clip(np.rint(f32(b / s)), -qmax, qmax) * s)
-
-
-def oracle_int4_asym_block(b):
-    lo, hi = min(b.min(), 0.0), max(b.max(), 0.0)
-    s = _nz(f32(f32(hi - lo) / 15.0))
-    z = np.clip(np.rint(f32(-lo / s)), 0, 15)
-    q = np.clip(np.rint(f32(b / s)) + z, 0, 15)
-    return f32((q - z) * s)
-
-
-def oracle(x, fmt, blk):
-    """Fake-quantize a float32 numpy matrix, one block at a time."""
-    x = np.asarray(x, np.float32).astype(np.float64)
-    rows, cols = x.shape
-    size = cols if blk == "in" else blk
-    pts = _nz(f32(np.abs(x).max() / 2688.0))
-    per_block = {
-        "nvfp4": lambda b: oracle_nvfp4_block(b, pts),
-        "mxfp4": oracle_mxfp4_block,
-        "fp4": oracle_fp4_block,
-        "fp8": oracle_fp8_block,
-        "int4": lambda b: oracle_int_block(b, 7),
-        "int8": lambda b: oracle_int_block(b, 127),
-        "int4_asym": oracle_int4_asym_block,
-    }[fmt]
-    out = np.empty_like(x)
-    for r in range(rows):
-        for c0 in range(0, cols, size):
-            out[r, c0 : c0 + size] = per_block(x[r, c0 : c0 + size])
-    return out
-
-
 def assert_matches_oracle(x: np.ndarray, fmt, blk, dtype=torch.float32):
     t = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dtype)
-    got = formats.fake_quantize(t, fmt, blk).numpy().astype(np.float64)
-    want = oracle(t.float().numpy(), fmt, blk)
-    bad = np.argwhere(got != want)
-    assert bad.size == 0, (
-        f"{fmt}@{blk} shape {x.shape}: {len(bad)} mismatches, first at {tuple(bad[0])}: "
-        f"got {got[tuple(bad[0])]!r} want {want[tuple(bad[0])]!r} (x={x[tuple(bad[0])]!r})"
-    )
+    got = formats.fake_quantize(t, fmt, blk)
+    assert_bitwise(got, fake_quantize_ref(t.float(), fmt, blk), f"{fmt}@{blk} shape {tuple(x.shape)}", t.float())
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -222,38 +135,82 @@ def test_property_matches_oracle(fmt, rows, cols, blk, log_mag, zero_frac, seed)
 
 # ----------------------------------------------------------------------------- grid and scales
 
+# Each format's element grid, from an independent source: every bit pattern of the ml_dtypes
+# type, or the integer range the format's definition names.
+GRIDS = {
+    "nvfp4": grid_of(E2M1), "mxfp4": grid_of(E2M1), "fp4": grid_of(E2M1), "fp8": grid_of(E4M3),
+    "int4": np.arange(-7.0, 8.0), "int8": np.arange(-127.0, 128.0), "int4_asym": np.arange(0.0, 16.0),
+}
+
+
+def test_oracle_grids_are_the_enumerated_types():
+    assert grid_of(E2M1).tolist() == sorted({s * m for m in (0, 0.5, 1, 1.5, 2, 3, 4, 6) for s in (1, -1)})
+    e4m3 = grid_of(E4M3)
+    assert len(e4m3) == 253 and e4m3.max() == 448.0 and e4m3[e4m3 > 0].min() == 2.0**-9
+
+
+@pytest.mark.parametrize("fmt", ALL_FMTS)
+def test_registry_grid_is_the_enumerated_grid(fmt):
+    """FormatSpec.elem_values (what reports and kernels read) equals the type's real grid."""
+    assert np.array_equal(np.asarray(formats.FORMATS[fmt].elem_values), GRIDS[fmt])
+
+
+@pytest.mark.parametrize("fmt", ALL_FMTS)
+def test_every_grid_value_is_reached_and_nothing_else(fmt):
+    """The grid itself plus a dense sweep over its range, one block (scale ~1): the codes are
+    exactly the grid, every value reached, nothing off it."""
+    grid = GRIDS[fmt]
+    sweep = np.linspace(grid.min(), grid.max(), 20 * len(grid) + 1)
+    row = np.concatenate([grid, sweep]).astype(np.float32)
+    qb = formats.quantize_blocks(torch.from_numpy(row[None]), fmt, "in")
+    codes = np.unique(qb.codes.numpy().astype(np.float64) + 0.0)
+    assert np.array_equal(codes, grid), sorted(set(codes.tolist()) ^ set(grid.tolist()))
+
 
 @pytest.mark.parametrize("fmt", ALL_FMTS)
 @pytest.mark.parametrize("blk", [16, 5, "in"])
-def test_outputs_are_grid_values_times_block_scales(fmt, blk):
+def test_codes_on_grid_scales_in_their_type_dequantize_is_the_oracle(fmt, blk):
     rng = np.random.default_rng(3)
     w = torch.from_numpy(make_input(rng, 11, 50, "spread"))
     qb = formats.quantize_blocks(w, fmt, blk)
-    spec = formats.FORMATS[fmt]
-    codes = set(np.unique(qb.codes.numpy()).tolist())
-    assert codes <= set(spec.elem_values), sorted(codes - set(spec.elem_values))
-    assert torch.equal(formats.fake_quantize(w, fmt, blk), qb.dequantize())
+    codes = np.unique(qb.codes.numpy().astype(np.float64))
+    assert np.isin(codes, GRIDS[fmt]).all(), codes[~np.isin(codes, GRIDS[fmt])]
+    assert_bitwise(qb.dequantize(), fake_quantize_ref(w, fmt, blk), f"{fmt}@{blk} dequantize")
     scale = qb.scale.numpy().astype(np.float64)
     assert np.all(scale > 0)
-    if spec.scale == "e4m3":
+    storage = formats.FORMATS[fmt].scale
+    if storage == "e4m3":
         assert np.array_equal(cast(scale, E4M3), scale)
         assert scale.min() >= 2.0**-6 and scale.max() <= 448.0
         assert qb.global_scale is not None and qb.global_scale.numel() == 1
-    elif spec.scale == "e8m0":
+    elif storage == "e8m0":
         assert np.array_equal(cast(scale, E8M0), scale)
-        assert np.all(np.exp2(np.round(np.log2(scale))) == scale)
+        amax = np.abs(w.numpy().astype(np.float64))
+        # the stored power of two is the OCP rule's, block by block (rows x blocks)
+        size = 50 if blk == "in" else blk
+        want = [[2.0 ** mx_exponent(np.array([amax[r, c:c + size].max()]))[0] for c in range(0, 50, size)]
+                for r in range(11)]
+        assert np.array_equal(scale[..., 0], np.array(want))
     if fmt == "int4_asym":
-        assert set(np.unique(qb.zero.numpy()).tolist()) <= set(spec.elem_values)
+        assert np.isin(qb.zero.numpy(), GRIDS[fmt]).all()
 
 
-def test_format_specs():
-    assert set(formats.FORMATS) == {"nvfp4", "mxfp4", "fp4", "int4", "int4_asym", "int8", "fp8"}
-    assert formats.FORMATS["nvfp4"].default_blk == 16
-    assert formats.FORMATS["mxfp4"].default_blk == 32
-    assert formats.FORMATS["fp4"].elem_values == formats.FORMATS["nvfp4"].elem_values
-    assert len(formats.FORMATS["fp8"].elem_values) == 253  # 2 * 126 finite nonzero + 0
-    for spec in formats.FORMATS.values():
-        formats.check_qspec(spec.name, spec.default_blk)
+def test_spec_default_blocks():
+    """NVFP4: 16 elements per E4M3 scale; OCP MX v1.0: k = 32 -- and torchao's defaults agree."""
+    from tokenwise_harness.grid import parse_qspec
+
+    want = {"nvfp4": 16, "mxfp4": 32}
+    try:
+        from torchao.prototype.mx_formats.mx_tensor import MXTensor
+        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
+    except ImportError:
+        pass
+    else:
+        assert inspect.signature(NVFP4Tensor.to_nvfp4).parameters["block_size"].default == want["nvfp4"]
+        assert inspect.signature(MXTensor.to_mx).parameters["block_size"].default == want["mxfp4"]
+    for fmt, blk in want.items():
+        assert parse_qspec(fmt).blk == blk
+        assert_matches_oracle(make_input(np.random.default_rng(2), 4, 64, "normal"), fmt, parse_qspec(fmt).blk)
 
 
 def test_nvfp4_global_scale_formula():
@@ -262,9 +219,16 @@ def test_nvfp4_global_scale_formula():
     assert qb.global_scale.item() == np.float32(3.0) / np.float32(2688.0)
     # The block holding the tensor amax gets the top E4M3 scale.
     assert qb.scale[0, 0, 0].item() == 448.0
-    # A fixed global amax (calibrated activations) saturates what lies above it.
-    sat = formats.fake_quantize(w, "nvfp4", 16, global_amax=1.0)
-    assert sat.abs().max().item() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("global_amax", [1.0, 0.37, 3.0, 50.0])
+def test_nvfp4_fixed_global_amax_matches_oracle(global_amax):
+    """A fixed global amax (calibrated activations): values above it saturate."""
+    w = torch.from_numpy(make_input(np.random.default_rng(4), 6, 48, "outliers"))
+    got = formats.fake_quantize(w, "nvfp4", 16, global_amax=global_amax)
+    assert_bitwise(got, fake_quantize_ref(w, "nvfp4", 16, global_amax=global_amax), f"global_amax={global_amax}")
+    if global_amax < w.abs().max().item():
+        assert got.abs().max().item() <= global_amax * (1 + 2.0**-3)  # saturated near 6 * 448 * pts
 
 
 def test_nvfp4_follows_torchao_rounding_order_not_modelopt():
@@ -297,20 +261,22 @@ def test_zero_tensor_and_zero_blocks_give_zeros(fmt):
 
 @pytest.mark.parametrize("fmt", ALL_FMTS)
 def test_ragged_blocks_never_mix_rows(fmt):
-    w = torch.randn(4, 37)
+    """Each row alone is its own oracle (nvfp4 aside: its global scale is per tensor)."""
+    w = torch.from_numpy(make_input(np.random.default_rng(8), 4, 37, "normal"))
     w[2] *= 1000.0
     out = formats.fake_quantize(w, fmt, 16)
-    for r in range(4):
-        row = formats.fake_quantize(w[r : r + 1], fmt, 16)
-        if fmt != "nvfp4":  # nvfp4's global scale is per tensor by design
-            assert torch.equal(out[r], row[0])
     assert out.shape == w.shape and out.dtype == torch.float32
+    for r in range(4):
+        want = fake_quantize_ref(w[r : r + 1], fmt, 16)
+        if fmt != "nvfp4":
+            assert_bitwise(out[r : r + 1], want, f"{fmt} row {r}")
 
 
-def test_blk_larger_than_cols_and_blk_in_agree():
-    w = torch.randn(5, 20)
-    for fmt in ALL_FMTS:
-        assert torch.equal(formats.fake_quantize(w, fmt, 64), formats.fake_quantize(w, fmt, "in"))
+@pytest.mark.parametrize("fmt", ALL_FMTS)
+def test_blk_larger_than_cols_is_one_block_per_row(fmt):
+    w = torch.from_numpy(make_input(np.random.default_rng(9), 5, 20, "outliers"))
+    for blk in (64, 20, "in"):
+        assert_bitwise(formats.fake_quantize(w, fmt, blk), fake_quantize_ref(w, fmt, "in"), f"{fmt}@{blk}")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -332,13 +298,6 @@ def test_bad_qspec_is_a_one_line_error_naming_it(fmt, blk):
         formats.fake_quantize(torch.randn(2, 16), fmt, blk)
     msg = str(err.value)
     assert f"{fmt}@{blk}" in msg and "\n" not in msg
-
-
-def test_grid_parse_uses_registry_defaults():
-    from tokenwise_harness.grid import parse_qspec
-
-    assert parse_qspec("mxfp4").blk == 32
-    assert parse_qspec("int8").blk == "in"
 
 
 # ----------------------------------------------------------------------------- idempotence
@@ -373,17 +332,204 @@ def test_idempotent_to_rounding(fmt, kind):
     torch.testing.assert_close(twice.dequantize(), once.dequantize(), rtol=1e-6, atol=0)
 
 
+# ----------------------------------------------------------------------------- torchao's casts
+# torchao's own NVFP4 / MXFP4 casts (torchao.prototype.mx_formats), when torchao is installed.
+# formats.py's docstring says where they differ from ours; these tests pin exactly that.
+
+
+def _torchao():
+    torchao = pytest.importorskip("torchao")
+    if tuple(int(p) for p in torchao.__version__.split(".")[:2]) < (0, 12):
+        pytest.skip(f"torchao {torchao.__version__} is older than the test extra's 0.12")
+    from torchao.prototype.mx_formats.mx_tensor import MXTensor
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+    return NVFP4Tensor, MXTensor, per_tensor_amax_to_scale
+
+
+def torchao_nvfp4(x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """torchao's two-level NVFP4 cast with the dynamic per-tensor scale, dequantized to fp32."""
+    NVFP4Tensor, _, per_tensor_amax_to_scale = _torchao()
+    pts = per_tensor_amax_to_scale(x.float().abs().amax())
+    t = NVFP4Tensor.to_nvfp4(x.contiguous(), block_size=16, per_tensor_scale=pts)
+    return t.dequantize(torch.float32), t
+
+
+def torchao_mxfp4(x: torch.Tensor, blk: int = 32) -> tuple[torch.Tensor, object]:
+    """torchao's MXFP4 cast (default ScaleCalculationMode.FLOOR), dequantized to fp32."""
+    _, MXTensor, _ = _torchao()
+    t = MXTensor.to_mx(x.contiguous(), torch.float4_e2m1fn_x2, block_size=blk)
+    return t.dequantize(torch.float32), t
+
+
+# torchao needs the last dim to be a multiple of the block: awkward row counts, widths that are
+# odd multiples of the block, a single block. (An all-zero tensor, the one deliberate nvfp4
+# deviation, has its own test below; "zeros" inputs here have zero rows and blocks, not all.)
+TORCHAO_SHAPES = [(2, 32), (7, 96), (33, 160), (3, 512), (64, 64)]
+TORCHAO_KINDS = ["normal", "outliers", "zeros", "huge", "spread"]
+
+
+def tie_input(rng: np.random.Generator, rows: int) -> np.ndarray:
+    """nvfp4 blocks whose elements sit exactly on E2M1 rounding midpoints of our total scale
+    (and a float32 ulp either side): where a reciprocal multiply and a division can part."""
+    mids = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    x = np.zeros((rows, 32), np.float32)
+    x[:, 0] = np.float32(7.3) * rng.uniform(0.01, 1.0, rows).astype(np.float32)
+    x[:, 16] = x[:, 0] * np.float32(0.6)
+    x[0, 0] = 7.3
+    qb = formats.quantize_blocks(torch.from_numpy(x), "nvfp4", 16)
+    total = (qb.global_scale * qb.scale).numpy()[:, :, 0].astype(np.float64)  # [rows, 2]
+    for r in range(rows):
+        for b in range(2):
+            m = rng.choice(mids, 15) * rng.choice([-1.0, 1.0], 15)
+            v = (m * total[r, b]).astype(np.float32)
+            nudge = rng.choice([-1, 0, 0, 0, 1], 15)
+            v = np.where(nudge > 0, np.nextafter(v, np.float32(np.inf)), v)
+            v = np.where(nudge < 0, np.nextafter(v, np.float32(-np.inf)), v)
+            x[r, 16 * b + 1 : 16 * b + 16] = v
+    return x
+
+
+@pytest.mark.parametrize("kind", TORCHAO_KINDS)
+def test_nvfp4_scales_equal_torchao(kind):
+    """Same per-tensor scale and same E4M3 block scales as torchao, bit for bit."""
+    rng = np.random.default_rng(zlib.crc32(f"ao-scales-{kind}".encode()))
+    for shape in TORCHAO_SHAPES:
+        x = torch.from_numpy(make_input(rng, *shape, kind))
+        _, t = torchao_nvfp4(x)
+        qb = formats.quantize_blocks(x, "nvfp4", 16)
+        assert t.per_tensor_scale.item() == qb.global_scale.item(), shape
+        assert torch.equal(t.scale.view(shape[0], -1).float(), qb.scale[..., 0]), shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", TORCHAO_KINDS + ["ties"])
+def test_nvfp4_equals_torchao_except_where_the_reciprocal_crosses_a_midpoint(kind, dtype):
+    """torchao (after pytorch/ao #4031) scales by x * fl(fl(1/pts) / s); we divide, x / fl(pts*s).
+    The two scaled values are a few float32 ulps apart, so the E2M1 codes differ exactly where
+    they fall on two sides of a rounding midpoint (or one lands on it): predicted here in float64
+    from each library's order of operations, then checked element by element."""
+    from tests.oracles import torchao_nvfp4_scaled
+
+    rng = np.random.default_rng(zlib.crc32(f"ao-nv-{kind}".encode()))
+    shapes = [(48, 32)] if kind == "ties" else TORCHAO_SHAPES
+    differing = 0
+    for shape in shapes:
+        raw = tie_input(rng, shape[0]) if kind == "ties" else make_input(rng, *shape, kind)
+        x = torch.from_numpy(raw).to(dtype)
+        theirs, _ = torchao_nvfp4(x)
+        ours = formats.fake_quantize(x, "nvfp4", 16)
+        xs = x.float().numpy()
+        s_ours, s_theirs = torchao_nvfp4_scaled(xs)
+        q_ours, q_theirs = (cast(np.clip(v, -6, 6), E2M1) for v in (s_ours, s_theirs))
+        predicted = q_ours != q_theirs
+        observed = (ours != theirs).numpy()
+        assert np.array_equal(observed, predicted), (shape, int(observed.sum()), int(predicted.sum()))
+        if predicted.any():
+            # one E2M1 step apart, and only next to a midpoint: |x/total - mid| within 4 ulps
+            grid = grid_of(E2M1)
+            step = np.abs(np.searchsorted(grid, q_ours[predicted]) - np.searchsorted(grid, q_theirs[predicted]))
+            assert (step == 1).all()
+            mids = (grid[:-1] + grid[1:]) / 2
+            a = np.abs(s_ours[predicted])[:, None]
+            assert (np.abs(a - np.abs(mids)[None]).min(axis=1) <= 4 * np.spacing(a[:, 0].astype(np.float32))).all()
+        differing += int(predicted.sum())
+        # everywhere else, torchao and the float64 oracle agree bit for bit
+        assert_bitwise(theirs.masked_fill(torch.from_numpy(predicted), 0.0),
+                       np.where(predicted, 0.0, fake_quantize_ref(xs, "nvfp4", 16)), f"torchao nvfp4 {shape}")
+    if kind == "ties":
+        assert differing > 100  # the difference is real, not hypothetical
+    elif kind in ("normal", "outliers", "spread") and dtype == torch.float32:
+        assert differing == 0  # random float32 data essentially never sits within ulps of a midpoint
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", TORCHAO_KINDS + ["ties"])
+def test_mxfp4_equals_torchao_bit_for_bit(kind, dtype):
+    """MXFP4 divides by an exact power of two in both: no rounding-order difference exists."""
+    rng = np.random.default_rng(zlib.crc32(f"ao-mx-{kind}".encode()))
+    for shape in TORCHAO_SHAPES:
+        x = torch.from_numpy(make_input(rng, *shape, kind)).to(dtype)
+        theirs, t = torchao_mxfp4(x)
+        assert torch.equal(formats.fake_quantize(x, "mxfp4", 32), theirs), shape
+        qb = formats.quantize_blocks(x, "mxfp4", 32)
+        assert torch.equal(t.scale.view(shape[0], -1).float(), qb.scale[..., 0]), shape
+
+
+def test_mxfp4_differs_from_torchao_only_below_2_to_minus_124():
+    """torchao clamps the fp32 scale it divides by to 2**-126 (the smallest normal) but
+    dequantizes with the stored E8M0 scale 2**-127: blocks with 0 < amax < 2**-124 come back
+    halved (their codes are computed at twice our scale). At 2**-124 and above: identical."""
+    amax = np.array([2.0**-149, 2.0**-130, 2.0**-126, 1.5 * 2.0**-125, np.nextafter(2.0**-124, 0), 2.0**-124,
+                     2.0**-123, 3.0 * 2.0**-120, 1.0], np.float32)
+    rng = np.random.default_rng(21)
+    x = (rng.uniform(-1, 1, (len(amax), 32)) * amax[:, None]).astype(np.float32)
+    x[:, 0] = amax
+    x = torch.from_numpy(x)
+    theirs, _ = torchao_mxfp4(x)
+    ours = formats.fake_quantize(x, "mxfp4", 32)
+    assert_bitwise(ours, fake_quantize_ref(x, "mxfp4", 32), "ours")
+    low = torch.from_numpy(amax < 2.0**-124)
+    assert torch.equal(theirs[~low], ours[~low])
+    # below: torchao's codes at scale 2**-126, times 2**-127 (the oracle at a doubled scale)
+    codes = cast(np.clip(x[low].double().numpy() / 2.0**-126, -6, 6), E2M1)
+    assert np.array_equal(theirs[low].double().numpy(), codes * 2.0**-127)
+    assert not torch.equal(theirs[low], ours[low])
+
+
+def test_all_zero_tensor_torchao_nan_ours_zero():
+    """torchao's nvfp4 divides 0 by a zero per-tensor scale (NaN); ours returns zeros.
+    mxfp4: both give zeros (E8M0 scale 2**-127)."""
+    z = torch.zeros(4, 32)
+    assert torch.isnan(torchao_nvfp4(z)[0]).all()
+    assert torch.equal(formats.fake_quantize(z, "nvfp4", 16), z)
+    assert torch.equal(torchao_mxfp4(z)[0], z) and torch.equal(formats.fake_quantize(z, "mxfp4", 32), z)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_inf_torchao_propagates_ours_refuses(bad):
+    """NaN/Inf: ours raises (HarnessError naming the tensor). torchao computes on: one NaN or
+    Inf makes its nvfp4 per-tensor scale non-finite and the whole tensor NaN; mxfp4 poisons
+    only its block (NaN: the whole block NaN; Inf: +-inf there, the block's finite values 0)."""
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(0))
+    x[0, 3] = bad
+    with pytest.raises(HarnessError, match="NaN/Inf"):
+        formats.fake_quantize(x, "nvfp4", 16)
+    with pytest.raises(HarnessError, match="NaN/Inf"):
+        formats.fake_quantize(x, "mxfp4", 32)
+    assert torch.isnan(torchao_nvfp4(x)[0]).all()
+    mx, _ = torchao_mxfp4(x)
+    assert torch.equal(mx[0, 32:], formats.fake_quantize(x[:, 32:], "mxfp4", 32)[0])  # other blocks intact
+    assert torch.equal(mx[1], formats.fake_quantize(x[1:], "mxfp4", 32)[0])
+    if bad != bad:  # NaN
+        assert torch.isnan(mx[0, :32]).all()
+    else:
+        assert mx[0, 3].item() == float("inf") and (mx[0, :32].abs() == 0).sum() == 31
+
+
 # ----------------------------------------------------------------------------- devices
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ALL_FMTS)
-def test_cuda_matches_cpu_bit_for_bit(fmt):
+def test_cuda_matches_cpu_and_oracle_bit_for_bit(fmt):
     rng = np.random.default_rng(13)
     for kind in ["outliers", "zeros", "spread", "ties", "huge", "tiny"]:
         w = torch.from_numpy(make_input(rng, 33, 301, kind))
         for blk in (16, 32, 7, "in"):
             cpu = formats.fake_quantize(w, fmt, blk)
             gpu = formats.fake_quantize(w.cuda(), fmt, blk)
-            assert gpu.device.type == "cuda"
+            assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
             assert torch.equal(gpu.cpu(), cpu), (fmt, kind, blk)
+            assert_bitwise(gpu, fake_quantize_ref(w, fmt, blk), f"cuda {fmt}@{blk} {kind}")
+        bf = formats.fake_quantize(w.cuda().bfloat16(), fmt, 16)
+        assert torch.equal(bf.cpu(), formats.fake_quantize(w.bfloat16(), fmt, 16)), (fmt, kind, "bf16")
+
+
+@pytest.mark.cuda
+def test_cuda_nvfp4_fixed_global_amax_and_quantize_blocks_stay_on_device():
+    w = torch.from_numpy(make_input(np.random.default_rng(14), 64, 128, "outliers"))
+    gpu = formats.fake_quantize(w.cuda(), "nvfp4", 16, global_amax=torch.tensor(3.0, device="cuda"))
+    assert torch.equal(gpu.cpu(), formats.fake_quantize(w, "nvfp4", 16, global_amax=3.0))
+    qb = formats.quantize_blocks(w.cuda(), "mxfp4", 32)
+    assert qb.codes.device.type == "cuda" and qb.scale.device.type == "cuda"
