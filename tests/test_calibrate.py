@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import one_line_error, run_cli
+from tests.oracles import fake_quantize_ref, truncated_svd64
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.calib import search as calibrate
 from tokenwise_harness.calib.smooth import smooth
@@ -144,18 +145,13 @@ def test_search_order_and_ties():
 
 
 def reference_iterates(w, rank, fmt, blk, steps):
-    """L₀ = SVD_r(W), L_k = SVD_r(W − Q(W − L_{k−1})) with torch.linalg.svd in float64."""
-    from tokenwise_harness.numerics.formats import fake_quantize
-
-    def svd_r(m):
-        u, s, vt = torch.linalg.svd(m.double(), full_matrices=False)
-        return ((u[:, :rank] * s[:rank]) @ vt[:rank]).float()
-
-    out, branch, q = [], svd_r(w), None
+    """L₀ = SVD_r(W), L_k = SVD_r(W − Q(W − L_{k−1})): torch.linalg.svd in float64 and the
+    numpy/ml_dtypes format oracle (tests/oracles.py), no harness code."""
+    out, branch, q = [], truncated_svd64(w, rank).float(), None
     for k in range(steps):
         if k:
-            branch = svd_r(w - q)
-        q = fake_quantize(w - branch, fmt, blk)
+            branch = truncated_svd64(w - q, rank).float()
+        q = torch.from_numpy(fake_quantize_ref(w - branch, fmt, blk)).float()
         out.append(branch + q)
     return out
 
@@ -226,6 +222,44 @@ def test_calibration_is_deterministic(demo):
     cfg = SvdqConfig(8, "nvfp4", 16, iters=10)
     a, b = svdq.iterated_lowrank(w, cfg, x.T @ x), svdq.iterated_lowrank(w, cfg, x.T @ x)
     assert torch.equal(a.weight, b.weight) and a.errors == b.errors
+
+
+@pytest.mark.cuda
+def test_smoothing_search_on_cuda_matches_cpu_and_float64(demo):
+    """The search on the GPU: the same choice as on the CPU, errors equal to a float64 direct
+    evaluation, factors on the CPU afterwards; and search_factors with device="cuda"."""
+    x, ws = planted(seed=9)
+    gram, amax = x.T @ x, x.abs().amax(0)
+    cpu = smoothing.search_group(ws, gram, amax, SEARCH_CFG)
+    gpu = smoothing.search_group([w.cuda() for w in ws], gram.cuda(), amax.cuda(), SEARCH_CFG)
+    assert gpu.s.device.type == "cpu" and gpu.errors.keys() == cpu.errors.keys()
+    # The formats are bit-identical across devices; the GPU's eigh differs from the CPU's in
+    # the last float32 bits of the branch, which can flip a residual code now and then: 1e-3.
+    for c, e in cpu.errors.items():
+        assert gpu.errors[c] == pytest.approx(e, rel=1e-3), c
+    assert gpu.error == min(gpu.errors.values()) and gpu.error == pytest.approx(cpu.error, rel=1e-3)
+    ref = sum(direct_error(x, fake_quantize_weight(w, SEARCH_CFG, smooth=gpu.s), w, gpu.s) for w in ws)
+    assert gpu.error == pytest.approx(ref, rel=1e-3)  # float64 direct evaluation of the chosen s
+    model_dir, cache_path = demo
+    mdir, cache = ModelDir(model_dir), XYCache(cache_path)
+    f_cpu, m_cpu = calibrate.search_factors(mdir, cache, SEARCH_CFG, device="cpu")
+    f_gpu, m_gpu = calibrate.search_factors(mdir, cache, SEARCH_CFG, device="cuda")
+    assert m_gpu.keys() == m_cpu.keys() and f_gpu.keys() == f_cpu.keys()
+    for g, m in m_cpu.items():
+        assert m_gpu[g]["error"] == pytest.approx(m["error"], rel=1e-3), g
+        assert m_gpu[g]["baseline_error"] == pytest.approx(m["baseline_error"], rel=1e-3), g
+
+
+@pytest.mark.cuda
+def test_iterated_branch_on_cuda_matches_float64_reference():
+    x, (w, *_) = planted(seed=3)
+    gram = x.T @ x
+    res = svdq.iterated_lowrank(w.cuda(), SvdqConfig(8, "nvfp4", 16, iters=6), gram.cuda())
+    assert res.weight.device.type == "cuda"
+    ref = [direct_error(x, wt, w) for wt in reference_iterates(w, 8, "nvfp4", 16, 6)]
+    n = min(res.iters_run, len(ref))
+    assert res.errors[:n] == pytest.approx(ref[:n], rel=2e-3)
+    assert direct_error(x, res.weight.cpu(), w) == pytest.approx(min(res.errors), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- end to end

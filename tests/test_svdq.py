@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.oracles import assert_bitwise, fake_quantize_ref, truncated_svd64
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
 from tokenwise_harness.numerics import formats
@@ -116,15 +118,24 @@ def test_error_does_not_grow_with_rank_on_a_decaying_spectrum(fmt, blk):
 
 
 def test_quant_only_rank_only_and_identity_semantics():
+    """Against independent references: the numpy/ml_dtypes format oracle and a float64 SVD."""
     W = torch.randn(48, 80, generator=gen(5))
-    assert torch.equal(fake_quantize_weight(W, SvdqConfig(0, "nvfp4", 16)), formats.fake_quantize(W, "nvfp4", 16))
-    lr = LowRank(W, 16)
-    assert torch.equal(fake_quantize_weight(W, SvdqConfig(16, "none", None), lowrank=lr), lr.product(16))
+    assert_bitwise(fake_quantize_weight(W, SvdqConfig(0, "nvfp4", 16)), fake_quantize_ref(W, "nvfp4", 16), "quant-only")
+    ref16 = truncated_svd64(W, 16)
+    rank_only = fake_quantize_weight(W, SvdqConfig(16, "none", None))
+    assert rank_only.dtype == torch.float32
+    assert (rank_only.double() - ref16).norm() <= 1e-6 * ref16.norm()
     assert torch.equal(fake_quantize_weight(W, SvdqConfig(0, "none", None)), W)
-    cfg = SvdqConfig(8, "int4", 32)
-    want = lr.product(8) + formats.fake_quantize(W - lr.product(8), "int4", 32)
-    assert torch.equal(fake_quantize_weight(W, cfg, lowrank=lr), want)
-    assert torch.equal(fake_quantize_weight(W, cfg), fake_quantize_weight(W, cfg, lowrank=LowRank(W, 8)))
+    # W~ = L + Q(W - L): the residual of the branch actually used, quantized by the oracle
+    lr = LowRank(W, 16)
+    branch = lr.product(8)
+    assert (branch.double() - truncated_svd64(W, 8)).norm() <= 1e-6 * W.norm()
+    got = fake_quantize_weight(W, SvdqConfig(8, "int4", 32), lowrank=lr)
+    want = branch.double().numpy() + fake_quantize_ref(W - branch, "int4", 32)
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=1e-6 * W.abs().max().item())
+    # without a shared decomposition the result is the same (one built from W itself)
+    assert torch.equal(fake_quantize_weight(W, SvdqConfig(8, "int4", 32)),
+                       fake_quantize_weight(W, SvdqConfig(8, "int4", 32), lowrank=LowRank(W, 8)))
 
 
 def test_rank_above_min_dim_is_the_full_decomposition():
@@ -164,7 +175,7 @@ def test_operator_errors():
         fake_quantize_weight(W, SvdqConfig(4, "nvfp4", 16), smooth=torch.full((32,), float("inf")))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.cuda
 def test_operator_on_cuda_stays_on_device_and_matches_cpu():
     W = decaying(128, 256)
     cfg = SvdqConfig(16, "nvfp4", 16)
@@ -172,6 +183,25 @@ def test_operator_on_cuda_stays_on_device_and_matches_cpu():
     cpu = fake_quantize_weight(W, cfg, lowrank=LowRank(W, 16, dtype=torch.float64))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-6, rtol=0)
+    # quant-only on the device is the oracle's, bit for bit
+    assert_bitwise(fake_quantize_weight(W.cuda(), SvdqConfig(0, "nvfp4", 16)), fake_quantize_ref(W, "nvfp4", 16),
+                   "cuda quant-only")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(256, 512), (512, 256), (96, 96)])
+def test_lowrank_on_cuda_matches_float64_svd(shape):
+    """LowRank computed on the GPU (float64 Gram eigh there), stored float32 or float64: its
+    rank-r products are the float64 SVD's within 1e-6 relative (at a spectral gap)."""
+    W = decaying(*shape, ratio=0.9, seed=11)
+    for dtype in (torch.float32, torch.float64):
+        lr = LowRank(W.cuda(), 64, dtype=dtype)
+        assert lr.L1.device.type == "cuda" and lr.L1.dtype == dtype
+        S = torch.linalg.svdvals(W.double())
+        torch.testing.assert_close(lr.S.cpu().double(), S[:64], rtol=1e-6, atol=0)
+        for r in (1, 8, 32, 64):
+            ref = truncated_svd64(W, r)
+            assert (lr.product(r).cpu().double() - ref).norm() <= 1e-6 * ref.norm(), (dtype, r)
 
 
 # ----------------------------------------------------------------------------- fake_op
@@ -193,21 +223,28 @@ ALLOWED_SUFFIXES = tuple(f"{blk}.{p}.weight" for blk, ps in
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fake_op_changes_exactly_the_allowlisted_linears(dtype):
+    """Quant-only: every allowlisted weight is the format oracle's, bit for bit, in its dtype."""
     model = tiny_llama(dtype)
     model.model.layers[0].mlp.up_proj.register_buffer("smooth_factor", torch.rand(64) + 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = SvdqConfig(4, "nvfp4", 16)
-    fake_op(model, cfg)
+    fake_op(model, SvdqConfig(0, "nvfp4", 16))
     after = model.state_dict()
     assert after.keys() == before.keys()
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     expected = sorted(k for k in before if k.endswith(ALLOWED_SUFFIXES))
     assert len(expected) == 14 and changed == expected
     for k in expected:
-        want = fake_quantize_weight(before[k], cfg).to(dtype)
+        want = torch.from_numpy(fake_quantize_ref(before[k], "nvfp4", 16)).to(dtype)
         assert after[k].dtype == dtype and torch.equal(after[k], want), k
-    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
-    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])
+
+
+def test_fake_op_low_rank_branch_is_the_float64_svd():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(ALLOWED_SUFFIXES)}
+    fake_op(model, SvdqConfig(8, "none", None))
+    for k, w in before.items():
+        ref = truncated_svd64(w, 8)
+        assert (model.state_dict()[k].double() - ref).norm() <= 1e-6 * w.norm(), k
 
 
 def test_fake_op_accepts_a_key_or_mapping_and_runs_the_model():

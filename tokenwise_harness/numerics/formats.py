@@ -12,8 +12,7 @@ unchanged, and the padding is cropped off again. Blocks never span two rows.
 Recipes (all arithmetic in float32, in this order, round-half-to-even everywhere):
 
 nvfp4 -- NVIDIA FP4: E2M1 elements, an FP8 E4M3 scale per block, one FP32 scale per tensor.
-    This is torchao's two-level `nvfp4_quantize(x, 16, per_tensor_scale)` with
-    `per_tensor_scale = per_tensor_amax_to_scale(amax(|x|))`, bit for bit:
+    torchao's two-level recipe with the dynamic per-tensor scale, in this order:
         global  = amax(|x|) / (448 * 6)                       # FP32 per-tensor scale
         s_blk   = e4m3(clamp((amax_blk / 6) / global, 2**-6, 448))
         total   = global * s_blk
@@ -27,10 +26,8 @@ nvfp4 -- NVIDIA FP4: E2M1 elements, an FP8 E4M3 scale per block, one FP32 scale 
     NVIDIA ModelOpt's `NVFP4QTensor` is the same recipe except that it computes the block
     scale as `amax_blk / (6 * global)` (one fp32 rounding fewer, which can move a tie), has no
     lower clamp (subnormal E4M3 scales, zero scales set to 1.0). Where they differ we follow
-    torchao. One deliberate deviation from both: an all-zero tensor (global scale 0, where
-    both libraries divide 0/0 and return NaN) gives zeros, with global scale 1.
-    `global_amax=` lets a caller fix the per-tensor amax (calibrated activations); values
-    above it saturate, as in torchao's static per-tensor mode.
+    torchao. `global_amax=` lets a caller fix the per-tensor amax (calibrated activations);
+    values above it saturate, as in torchao's static per-tensor mode.
 mxfp4 -- OCP Microscaling v1.0 MXFP4: E2M1 elements, an E8M0 (power of two) scale per block:
         X  = 2 ** clamp(floor(log2(amax_blk)) - 2, -127, 127)   # 2 = emax of E2M1
         x~ = e2m1(clamp(x / X, -6, 6)) * X
@@ -53,7 +50,34 @@ Devices: every division is a true IEEE float32 division on CPU and CUDA alike, s
 are bit-identical across devices (a baseline taken on a GPU holds on a CPU). torchao's code
 divides by Python scalars (`max_abs / 6.0`, `amax / (448 * 6)`), which PyTorch's CUDA kernel
 evaluates as a multiplication by the float32 reciprocal: torchao's own outputs then differ by
-an ulp of the global scale between CPU and CUDA. We equal torchao-on-CPU (= the IEEE reading).
+an ulp of the global scale between CPU and CUDA. Our scales equal torchao's on the CPU (= the
+IEEE reading).
+
+How this relates to torchao (torchao.prototype.mx_formats, checked against 0.18.0 by
+tests/test_formats.py whenever torchao is installed; it is in the `test` extra):
+  nvfp4 vs `NVFP4Tensor.to_nvfp4(x, 16, per_tensor_scale=per_tensor_amax_to_scale(amax|x|))
+    .dequantize(torch.float32)`: the per-tensor scale and every E4M3 block scale are equal bit
+    for bit, and so is dequantization (codes * (global * s_blk), in that order). The element
+    step is not: since pytorch/ao #4031 torchao multiplies by a reciprocal, to match the MSLK
+    Triton kernel, `x * ((1 / global) / s_blk)`, where we divide, `x / (global * s_blk)`. The
+    two scaled values are a few float32 ulps apart, so the E2M1 codes differ exactly where the
+    two values fall on opposite sides of an E2M1 rounding midpoint (0.25, 0.75, ..., 5), or
+    one of them sits on it: there they are one E2M1 step apart. Random float data essentially
+    never comes within ulps of a midpoint (no difference in the tests' ~10**5 random elements);
+    values placed on midpoints of the total scale (synthetic or re-quantized data) do differ,
+    in roughly one element in five. We keep the division: it is the recipe read as IEEE
+    arithmetic, identical on CPU and CUDA, and it keeps existing baselines valid.
+  mxfp4 vs `MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).dequantize(torch.float32)`: equal
+    bit for bit (codes, E8M0 scales, values), except blocks with 0 < amax < 2**-124: torchao
+    clamps the float32 scale it divides by to 2**-126 (float32's smallest normal, for Triton)
+    but dequantizes with the stored E8M0 scale 2**-127, so such blocks come back at about half
+    their value; we use 2**-127 both ways.
+  Zeros, NaN, Inf: an all-zero tensor gives zeros here (global scale 1) where torchao's nvfp4
+    divides 0 by 0 and returns NaN (both libraries give zeros for mxfp4 and for zero blocks of
+    a non-zero tensor). NaN/Inf input raises a HarnessError here; torchao computes on: its
+    nvfp4 per-tensor scale becomes non-finite and the whole tensor NaN; its mxfp4 block
+    holding a NaN is all NaN, one holding an Inf is +-inf there and 0 elsewhere.
+  torchao needs cols % blk == 0 (and blk 16 for nvfp4); we pad short last blocks (above).
 
 Zero blocks: a block whose fp32 scale is 0 (all zeros, or an amax so small that amax / 6
 underflows) uses scale 1 instead; its elements then quantize to 0. Output is float32, same
@@ -137,7 +161,7 @@ FORMATS: dict[str, FormatSpec] = {
 _E2M1_TABLES: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # per device
 
 
-def _e2m1_rounding_table(device) -> tuple[torch.Tensor, torch.Tensor]:
+def _e2m1_rounding_table(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(grid, boundaries) such that grid[bucketize(v, boundaries)] is v rounded to E2M1.
 
     The boundaries are the midpoints of neighbouring grid values. A value exactly on a
@@ -310,7 +334,7 @@ assert set(_RECIPES) == set(FORMATS)
 # ----------------------------------------------------------------------------- public API
 
 
-def check_qspec(fmt: str, blk) -> int | str:
+def check_qspec(fmt: str, blk: int | str) -> int | str:
     """Validate a (format, block) pair; returns the block as int or "in"."""
     qspec = f"{fmt}@{blk}"
     if fmt not in FORMATS:
@@ -339,7 +363,7 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def quantize_blocks(
-    w: torch.Tensor, fmt: str, blk: int | str, name: str = "tensor", global_amax=None
+    w: torch.Tensor, fmt: str, blk: int | str, name: str = "tensor", global_amax: float | torch.Tensor | None = None
 ) -> QuantizedBlocks:
     """Quantize a 2-D tensor, keeping codes and scales (what fake_quantize dequantizes)."""
     blk = check_qspec(fmt, blk)
@@ -355,7 +379,7 @@ def quantize_blocks(
 
 
 def fake_quantize(
-    w: torch.Tensor, fmt: str, blk: int | str, name: str = "tensor", global_amax=None
+    w: torch.Tensor, fmt: str, blk: int | str, name: str = "tensor", global_amax: float | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Quantize-dequantize `w` [rows, cols] in `fmt`, blocks of `blk` along the last dim.
 

@@ -25,7 +25,7 @@ class LowRank:
     Everything is computed on W's device; factors are stored in `dtype`.
     """
 
-    def __init__(self, W: torch.Tensor, max_rank: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, W: torch.Tensor, max_rank: int, dtype: torch.dtype = torch.float32) -> None:
         if W.dim() != 2:
             raise ValueError(f"LowRank needs a 2-D weight, got shape {tuple(W.shape)}")
         out_f, in_f = W.shape

@@ -27,12 +27,12 @@ class TokenwiseAccumulator:
     GPU never waits for the host between the chunks of a grid.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.n_tokens = 0
         self._sums = None  # float64 [sse, denom, l2_sum, rel_sum] on the device
         self._maxes = None  # float64 [l2_max, rel_max]
 
-    def update(self, err, y_sq, scale: float = 1.0):
+    def update(self, err: torch.Tensor, y_sq: torch.Tensor, scale: float = 1.0) -> None:
         """err: [n, out] float32 error rows, times `scale` (the true error is err * scale);
         y_sq: [n] float32 squared norms of the reference rows."""
         import torch
@@ -71,7 +71,7 @@ class TokenwiseAccumulator:
     def denom(self) -> float:
         return self._totals()[1]
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, float]:
         n = max(self.n_tokens, 1)
         sse, denom, l2_sum, l2_max, rel_sum, rel_max = self._totals()
         nmse = sse / denom if denom > 0 else (0.0 if sse == 0 else math.inf)
@@ -100,7 +100,7 @@ def sqnr_db(nmse: float) -> float:
 class GramAccumulator:
     """H = XᵀX and max_t |X_tj| of a stream of X chunks [n, in], in float64 on `device`."""
 
-    def __init__(self, in_dim: int, device="cpu"):
+    def __init__(self, in_dim: int, device: str | torch.device = "cpu") -> None:
         self.gram = torch.zeros(in_dim, in_dim, dtype=torch.float64, device=device)
         self.amax = torch.zeros(in_dim, dtype=torch.float64, device=device)
         self.n_tokens = 0

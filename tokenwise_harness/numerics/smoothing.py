@@ -6,6 +6,7 @@ read by tokenwise_harness.calib; the weights from the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,8 @@ from tokenwise_harness.numerics.svdq import _one_shot, fake_quantize_weight
 CLAMP = (1e-5, 1e5)
 
 
-def smooth_factor(act_amax, weight_amax, alpha: float, beta: float | None = None):
+def smooth_factor(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float,
+                  beta: float | None = None) -> torch.Tensor:
     """The SmoothQuant factor max|X|^alpha / max|W|^beta (beta defaults to 1 - alpha)."""
     beta = 1.0 - alpha if beta is None else beta
     a = act_amax.double().clamp_min(CLAMP[0])
@@ -29,7 +31,7 @@ def smooth_factor(act_amax, weight_amax, alpha: float, beta: float | None = None
 ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 
-def smoothing_candidates(alphas=ALPHA_GRID) -> list[tuple[float, float]]:
+def smoothing_candidates(alphas: Sequence[float] = ALPHA_GRID) -> list[tuple[float, float]]:
     """(a, b) pairs in search order: no smoothing, then b = 1 − a, then b = 0."""
     out = [(0.0, 0.0)]
     out += [(float(a), round(1.0 - a, 10)) for a in alphas]
@@ -50,7 +52,7 @@ class SmoothChoice:
     signal: float  # Σ_members tr(W H Wᵀ) = ||X Wᵀ||² (error / signal is an nmse without bias)
     errors: dict = field(default_factory=dict)  # (a, b) -> error, every candidate
 
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, float | None]:
         return {"a": self.a, "b": self.b, "error": self.error, "baseline_error": self.baseline_error,
                 "fixed_error": self.fixed_error, "signal": self.signal}
 
@@ -72,7 +74,7 @@ def smoothed_error(weights: list[torch.Tensor], gram: torch.Tensor, s: torch.Ten
 
 
 def search_group(weights: list[torch.Tensor], gram: torch.Tensor, act_amax: torch.Tensor, cfg: SvdqConfig,
-                 alphas=ALPHA_GRID, names: list[str] | None = None) -> SmoothChoice:
+                 alphas: Sequence[float] = ALPHA_GRID, names: list[str] | None = None) -> SmoothChoice:
     """Search the smoothing exponent of one input group (members share X, H and s)."""
     w_amax = torch.stack([w.detach().float().abs().amax(dim=0) for w in weights]).amax(0)
     act = act_amax.to(device=w_amax.device)

@@ -17,7 +17,7 @@ matrix, once per weight, and serves every rank of a grid from it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +85,7 @@ def fake_quantize_weight(
     return branch + formats.fake_quantize(Wf - branch, cfg.fmt, cfg.blk, name=f"{name} residual")
 
 
-def _as_config(svdq_cfg) -> SvdqConfig:
+def _as_config(svdq_cfg: SvdqConfig | str | Mapping) -> SvdqConfig:
     """Accept an SvdqConfig, a key string 'rank=16;fmt=nvfp4;blk=128', or a mapping."""
     if isinstance(svdq_cfg, SvdqConfig):
         return svdq_cfg
@@ -97,7 +97,7 @@ def _as_config(svdq_cfg) -> SvdqConfig:
 
 
 @torch.no_grad()
-def fake_op(model, svdq_cfg) -> None:
+def fake_op(model: torch.nn.Module, svdq_cfg: SvdqConfig | str | Mapping) -> None:
     """The seed's interface: fake-SVDQuant every allowlisted nn.Linear of `model` in place.
 
     Each weight is replaced by its W~ in the weight's own dtype; nothing else (biases,
@@ -116,7 +116,7 @@ def fake_op(model, svdq_cfg) -> None:
 IMPROVE_RTOL = 1e-6
 
 
-def with_gram(quantize_fn, gram: torch.Tensor):
+def with_gram(quantize_fn: Callable[..., torch.Tensor], gram: torch.Tensor) -> Callable[..., torch.Tensor]:
     """quantize_fn(w, cfg, **kw) that also gets gram= for iterated configs (iters > 1).
 
     One-shot configs call quantize_fn exactly as before, so a user's quantize_fn without a
@@ -124,7 +124,7 @@ def with_gram(quantize_fn, gram: torch.Tensor):
     residual branch W~ − L must use the refined L, which a W~ alone does not reveal.
     """
 
-    def fn(w, cfg, **kw):
+    def fn(w: torch.Tensor, cfg: SvdqConfig, **kw) -> torch.Tensor:
         if cfg.iters <= 1:
             return quantize_fn(w, cfg, **kw)
         if cfg.afmt is not None:
@@ -150,7 +150,7 @@ class IterResult:
         return len(self.errors)
 
 
-def iterated_lowrank(W: torch.Tensor, cfg: SvdqConfig, gram: torch.Tensor, lowrank=None,
+def iterated_lowrank(W: torch.Tensor, cfg: SvdqConfig, gram: torch.Tensor, lowrank: LowRank | None = None,
                      name: str = "weight") -> IterResult:
     """The iterated low-rank branch of one (already smoothed, when smoothing) weight.
 
