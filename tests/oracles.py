@@ -150,6 +150,21 @@ def truncated_svd64(w: torch.Tensor, r: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- torchao's nvfp4 order
 
 
+def _nvfp4_scales(b: np.ndarray, amax_t: float) -> tuple[float, np.ndarray]:
+    """(pts, s [rows, n_blocks, 1]) of blocks b [rows, n_blocks, blk], per the recipe."""
+    pts = float(_nz(f32(amax_t / 2688.0)))
+    s = cast(np.clip(f32(f32(np.abs(b).max(axis=2, keepdims=True) / 6.0) / pts), 2.0**-6, 448.0), E4M3)
+    return pts, s
+
+
+def nvfp4_total_scale(x: np.ndarray, blk: int = 16) -> np.ndarray:
+    """fl(pts * s) per block [rows, n_blocks] of x [rows, cols], cols % blk == 0, per the recipe."""
+    x = np.asarray(x, np.float32).astype(np.float64)
+    b = x.reshape(x.shape[0], -1, blk)
+    pts, s = _nvfp4_scales(b, np.abs(x).max())
+    return f32(pts * s)[..., 0]
+
+
 def torchao_nvfp4_scaled(x: np.ndarray, blk: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(ours, torchao's) value handed to the E2M1 cast, float64-held float32, per element.
 
@@ -160,8 +175,7 @@ def torchao_nvfp4_scaled(x: np.ndarray, blk: int = 16) -> tuple[np.ndarray, np.n
     x = np.asarray(x, np.float32).astype(np.float64)
     rows, cols = x.shape
     b = x.reshape(rows, cols // blk, blk)
-    pts = _nz(f32(np.abs(x).max() / 2688.0))
-    s = cast(np.clip(f32(f32(np.abs(b).max(axis=2, keepdims=True) / 6.0) / pts), 2.0**-6, 448.0), E4M3)
+    pts, s = _nvfp4_scales(b, np.abs(x).max())
     ours = f32(b / f32(pts * s))
     theirs = f32(b * f32(f32(1.0 / pts) / s))
     return ours.reshape(rows, cols), theirs.reshape(rows, cols)
