@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
+from tests.oracles import fake_quantize_ref, truncated_svd64
 from tokenwise_harness import engine as evaluate
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.grid import SvdqConfig, build_grid, parse_qspecs
-from tokenwise_harness.numerics import formats
-from tokenwise_harness.numerics.lowrank import LowRank
 from tokenwise_harness.run import EvalSpec, run_eval
 
 QUIET = dict(progress=False, log=lambda msg: None)
@@ -29,10 +28,11 @@ def setup(demo_model_dirs, tmp_path_factory):
 
 
 def reference_nmse(x, y, w, b, rank, fmt, blk, afmt, ablk, quantize_branch_input=False):
-    lr = LowRank(w, rank) if rank else None
-    branch = lr.product(rank).double() if lr else torch.zeros_like(w, dtype=torch.float64)
-    residual_q = formats.fake_quantize(w - (lr.product(rank) if lr else 0), fmt, blk).double()
-    x_q = formats.fake_quantize(x, afmt, ablk).double()
+    """Float64 from independent pieces: torch.linalg.svd for the branch, the numpy/ml_dtypes
+    format oracle (tests/oracles.py) for Q_w and Q_a."""
+    branch = truncated_svd64(w, rank) if rank else torch.zeros_like(w, dtype=torch.float64)
+    residual_q = torch.from_numpy(fake_quantize_ref(w.double() - branch, fmt, blk))
+    x_q = torch.from_numpy(fake_quantize_ref(x, afmt, ablk))
     branch_in = x_q if quantize_branch_input else x.double()
     y_tilde = branch_in @ branch.T + x_q @ residual_q.T + (0 if b is None else b.double())
     err = (y_tilde - y.double()).numpy()
