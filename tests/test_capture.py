@@ -157,3 +157,24 @@ def test_compact_layout_stores_shared_inputs_once_and_scores_the_same(demo_model
             for proj, cfgs in body["by_proj"].items():
                 for key, m in cfgs.items():
                     assert b["by_layer"][layer][block]["by_proj"][proj][key]["nmse"] == pytest.approx(m["nmse"], rel=1e-4)
+
+
+@pytest.mark.cuda
+def test_save_xy_on_cuda_matches_cpu_capture(demo_model_dirs, qwen2_cache, tmp_path):
+    """--device cuda: the same keys, metadata and fingerprints as the CPU capture, Y = XWᵀ + b
+    in float64, and X within float32 GPU-vs-CPU rounding of the CPU capture's X."""
+    gpu_path = save_xy(demo_model_dirs["qwen2"], tmp_path, "c", save_dtype="fp32", device="cuda", **SMALL, **QUIET)
+    cpu, gpu = XYCache(qwen2_cache), XYCache(gpu_path)
+    assert [e.target for e in gpu.entries] == [e.target for e in cpu.entries]
+    for key in ("model_fingerprint", "data_fingerprint", "n_tokens", "seed", "cn", "eu", "length", "save_dtype"):
+        assert gpu.metadata[key] == cpu.metadata[key], key
+    gpu.verify_checksums()
+    model = AutoModelForCausalLM.from_pretrained(demo_model_dirs["qwen2"])
+    mods = dict(model.named_modules())
+    for e in gpu.entries:
+        xg, yg = gpu.rows(e.x_key, 0, gpu.n_tokens).double(), gpu.rows(e.y_key, 0, gpu.n_tokens).double()
+        xc = cpu.rows(e.x_key, 0, cpu.n_tokens).double()
+        assert torch.allclose(xg, xc, rtol=1e-3, atol=1e-4 * xc.abs().max().item()), e.target.path
+        lin = mods[e.target.path]
+        ref = xg @ lin.weight.double().T + (lin.bias.double() if lin.bias is not None else 0)
+        assert torch.allclose(yg, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item()), e.target.path

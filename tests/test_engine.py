@@ -281,3 +281,71 @@ def test_cache_stale_after_model_change(qwen3, tmp_path):
     line = one_line_error(run_cli("eval_fake", "--model_dir", changed, "--xy_path", cache_path, "--out_json",
                                   tmp_path / "r.json", "--ranks", "8", "--qspecs", "nvfp4@16"))
     assert "different model" in line and "save_xy" in line
+
+
+# ---------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("x_dtype, unit", [(torch.float16, 2.0**-11), (torch.bfloat16, 2.0**-8)])
+def test_error_matmul_16bit_path_is_within_its_documented_bound(x_dtype, unit):
+    """ErrorMatmul on CUDA with a 16-bit cache: X as stored (exact), M scaled by a power of two
+    and rounded once to X's dtype (relative `unit`: 2^-11 fp16, 2^-8 bf16; fp16 entries below
+    its normal range add at most 2^-25 of the scaled unit, i.e. amax(M)·2^-37), float32
+    accumulation. Against float64: |XMᵀ - ref| <= (unit + K·2^-23)·|X||M|ᵀ + K·amax|X|·amax(M)·2^-37."""
+    g = torch.Generator().manual_seed(0)
+    k = 384
+    x = (torch.randn(512, k, generator=g) * 3).to(x_dtype)  # a cache's values: exact in x_dtype
+    m = torch.randn(256, k, generator=g) * 1e-3
+    m[:, :7] *= 300.0  # outlier columns set the scale
+    m[::5] *= 1e-6  # rows far below the largest entry (fp16 subnormals after the shift)
+    m[3, 3] = 0.0
+    mm = evaluate.ErrorMatmul("cuda", x_dtype)
+    assert mm.low == x_dtype
+    got = mm((x.cuda(), 1.0), mm.prepare(m.cuda()))
+    assert got.dtype == torch.float32 and got.device.type == "cuda"
+    got = got.cpu().double()
+    ref = x.double() @ m.double().T
+    bound = (unit + k * 2.0**-23) * (x.double().abs() @ m.double().abs().T)
+    bound += k * x.double().abs().max() * m.abs().max().double() * 2.0**-37
+    excess = (got - ref).abs() - bound
+    assert excess.max().item() <= 0, excess.max().item()
+    # the bound is not vacuous: the rounding of M is visible, at the documented size
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 4 * unit, rel
+    # an fp32 cache, or the CPU, stays float32 (no rounding of M): float32 accuracy
+    for device, dtype in (("cuda", torch.float32), ("cpu", x_dtype)):
+        plain = evaluate.ErrorMatmul(device, dtype)
+        assert plain.low is None and plain.prepare(m)[1] == 1.0
+
+
+@pytest.fixture(scope="module")
+def qwen2_fp16(demo_model_dirs, tmp_path_factory):
+    """The qwen2 demo model and an fp16 cache of it (the ErrorMatmul 16-bit path)."""
+    out = tmp_path_factory.mktemp("engine16")
+    cache = save_xy(demo_model_dirs["qwen2"], out, "c", cn=3, eu=5, length=25, save_dtype="fp16", **QUIET)
+    return demo_model_dirs["qwen2"], cache
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cache_kind", ["fp16", "fp32"])
+def test_metrics_on_cuda_match_float64_reference(qwen2, qwen2_fp16, cache_kind):
+    """The engine on the GPU (fp16 cache: the 16-bit ErrorMatmul path) against float64 numpy
+    metrics of the same W~: nmse/sse within 1e-4 (the docstring's 'a few 1e-5'), the rest 1e-4."""
+    model_dir, cache_path = qwen2_fp16 if cache_kind == "fp16" else qwen2
+    cache, mdir = XYCache(cache_path), ModelDir(model_dir)
+    grid = build_grid([0, 8], parse_qspecs("nvfp4@16,int4_asym@32"), "full")
+    stats = evaluate.EngineStats()
+    results = evaluate.evaluate_grid(cache, evaluate.CheckpointWeights(mdir, False), grid, 37, "cuda",
+                                     progress=False, stats=stats)
+    assert stats.weights == len(cache.targets)
+    for target in cache.targets:
+        e = cache.entry(target)
+        x, y = cache.rows(e.x_key, 0, cache.n_tokens), cache.rows(e.y_key, 0, cache.n_tokens)
+        w, b = mdir.read(target.path + ".weight"), mdir.read(target.path + ".bias")
+        for cfg in grid:
+            w_tilde = fake_quantize_weight(w.float().cuda(), cfg).cpu()  # the GPU's own W~ (its eigh)
+            ref = reference_metrics(x, y, w_tilde, b)
+            got = results[(target.layer, target.block, target.proj)][cfg.key]
+            for name, value in ref.items():
+                assert got[name] == pytest.approx(value, rel=1e-4), (target.path, cfg.key, name)
