@@ -313,6 +313,15 @@ def test_error_matmul_16bit_path_is_within_its_documented_bound(x_dtype, unit):
     # the bound is not vacuous: the rounding of M is visible, at the documented size
     rel = ((got - ref).norm() / ref.norm()).item()
     assert 0 < rel < 4 * unit, rel
+    # split(): M = hi + lo, two GEMMs summed, for the reference X·Wᵀ: M's rounding drops to
+    # about unit² relative ("~22 significant bits" for fp16), plus the subnormal and float32 terms
+    parts = mm.split(m.cuda())
+    assert len(parts) == 2
+    got2 = sum(mm((x.cuda(), 1.0), p) for p in parts).cpu().double()
+    bound2 = (2 * unit**2 + k * 2.0**-23) * (x.double().abs() @ m.double().abs().T)
+    bound2 += 2 * k * x.double().abs().max() * m.abs().max().double() * 2.0**-37
+    assert ((got2 - ref).abs() - bound2).max().item() <= 0
+    assert ((got2 - ref).norm() / ref.norm()).item() < 0.1 * rel
     # an fp32 cache, or the CPU, stays float32 (no rounding of M): float32 accuracy
     for device, dtype in (("cuda", torch.float32), ("cpu", x_dtype)):
         plain = evaluate.ErrorMatmul(device, dtype)
