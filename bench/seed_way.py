@@ -50,3 +50,40 @@ def seed_way_eval(model, cache, grid, chunk_tokens: int, device) -> dict:
             for target, mod in targets:
                 mod.weight.copy_(backup[target])
     return results
+
+
+def main(argv=None) -> int:
+    """The seed's flow as a process: load the model (transformers, bf16 on CUDA), score the grid."""
+    import argparse
+    import json
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from tokenwise_harness.cache import XYCache
+    from tokenwise_harness.grid import build_grid, parse_qspecs, parse_ranks
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--xy_path", required=True)
+    p.add_argument("--out_json", required=True)
+    p.add_argument("--ranks", default="8,16,32")
+    p.add_argument("--qspecs", default="nvfp4@16")
+    p.add_argument("--chunk_tokens", type=int, default=4096)
+    a = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype).to(device).eval()
+    grid = build_grid(parse_ranks(a.ranks), parse_qspecs(a.qspecs), "combined")
+    t = time.perf_counter()
+    results = seed_way_eval(model, XYCache(a.xy_path), grid, a.chunk_tokens, device)
+    seconds = time.perf_counter() - t
+    out = {"eval_seconds": seconds, "results": {f"{k[0]}.{k[1]}.{k[2]}": v for k, v in results.items()}}
+    with open(a.out_json, "w") as fh:
+        json.dump(out, fh)
+    print(f"seed_way: {len(results)} projections x {len(grid)} configs in {seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,6 +35,17 @@ def _file_sha256(path: Path) -> bytes:
     return bytes.fromhex(file_digest(path))
 
 
+def _file_digests(files: list[Path]) -> list[bytes]:
+    """_file_sha256 of every file, the shards hashed side by side (sha256 runs without the GIL)."""
+    if len(files) <= 1:
+        return [_file_sha256(f) for f in files]
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_file_sha256, files))
+
+
 class ModelDir:
     """A validated local model directory (`flag` names the CLI flag it came from)."""
 
@@ -101,9 +112,9 @@ class ModelDir:
         h = hashlib.sha256()
         cfg = {k: v for k, v in self.config.items() if k not in VOLATILE_CONFIG_KEYS}
         h.update(json.dumps(cfg, sort_keys=True).encode())
-        for f in self.weight_files:
+        for f, digest in zip(self.weight_files, _file_digests(self.weight_files)):
             h.update(f.name.encode())
-            h.update(_file_sha256(f))
+            h.update(digest)
         return h.hexdigest()
 
     @cached_property

@@ -347,9 +347,9 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
 
 
 # Weights read and decomposed ahead of the one being scored (CUDA only: one worker thread and
-# CUDA stream each). On the CPU everything stays in order on the caller's thread, so results
-# never depend on thread scheduling.
-PREFETCH_DEPTH = 2
+# CUDA stream each; a float64 eigh is latency-bound, so several run side by side). On the CPU
+# everything stays in order on the caller's thread, so results never depend on scheduling.
+PREFETCH_DEPTH = 4
 
 
 def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], device, max_rank: int,
@@ -458,7 +458,7 @@ def _now(device) -> float:
     import torch
 
     if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # not the device: the prefetch streams run on
     return time.perf_counter()
 
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 # Bump when an entry's meaning changes: old entries are then simply never found again.
@@ -32,6 +33,12 @@ COUNTERS = {"bytes_hashed": 0, "files_hashed": 0, "digest_memo_hits": 0,
             "lowrank_hits": 0, "lowrank_misses": 0, "lowrank_writes": 0}
 
 _PROCESS_DIGESTS: dict[tuple, str] = {}
+_LOCK = threading.Lock()  # digests are computed on several threads at once
+
+
+def _count(name: str, n: int = 1) -> None:
+    with _LOCK:
+        COUNTERS[name] += n
 
 
 def reset_counters() -> None:
@@ -98,7 +105,7 @@ def file_digest(path: Path) -> str:
         try:
             entry = json.loads(memo.read_text(encoding="utf-8"))
             if entry.get("identity") == list(identity) and isinstance(entry.get("sha256"), str):
-                COUNTERS["digest_memo_hits"] += 1
+                _count("digest_memo_hits")
                 _PROCESS_DIGESTS[identity] = entry["sha256"]
                 return entry["sha256"]
         except (OSError, ValueError, AttributeError):
@@ -109,8 +116,8 @@ def file_digest(path: Path) -> str:
     with open(path, "rb", buffering=0) as fh:
         while (n := fh.readinto(view)) > 0:
             h.update(view[:n])
-            COUNTERS["bytes_hashed"] += n
-    COUNTERS["files_hashed"] += 1
+            _count("bytes_hashed", n)
+    _count("files_hashed")
     digest = h.hexdigest()
     if _identity(path) == identity:  # unchanged while we read it: safe to remember
         _PROCESS_DIGESTS[identity] = digest
@@ -145,7 +152,7 @@ class LowRankStore:
         """{"L1", "L2", "S"} tensors on `device`, or None when absent or unreadable."""
         path = self._path(key)
         if not path.is_file():
-            COUNTERS["lowrank_misses"] += 1
+            _count("lowrank_misses")
             return None
         try:
             from safetensors.torch import load_file
@@ -154,13 +161,13 @@ class LowRankStore:
             if set(tensors) != {"L1", "L2", "S"}:
                 raise ValueError("wrong tensors")
         except Exception:  # a damaged entry is a miss; it gets rewritten
-            COUNTERS["lowrank_misses"] += 1
+            _count("lowrank_misses")
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # least recently used = oldest mtime
-        COUNTERS["lowrank_hits"] += 1
+        _count("lowrank_hits")
         return tensors
 
     def put(self, key: str, tensors: dict) -> None:
@@ -174,7 +181,7 @@ class LowRankStore:
         if len(data) > self.cap_bytes:
             return
         if _write_atomic(self._path(key), data):
-            COUNTERS["lowrank_writes"] += 1
+            _count("lowrank_writes")
             if self._total is None:
                 self.prune()  # one scan per process; later writes only add to the running total
             else:
