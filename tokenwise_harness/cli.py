@@ -48,7 +48,12 @@ def _add_eval_flags(p: argparse.ArgumentParser, smooth: bool) -> None:
     p.add_argument("--grid_mode", default="combined", help="combined (rank x qspec) or full (+rank-only, quant-only)")
     p.add_argument("--chunk_tokens", type=_positive_int, default=4096, help="tokens per chunk (default 4096)")
     p.add_argument("--no_restore", action="store_true", help="with --quantizer: do not restore weights between configs")
-    p.add_argument("--quantizer", default=None, help="your own model-level fake_op as package.module:function")
+    p.add_argument("--weight_quantizer", default=None,
+                   help="your weight-level kernel fn(weight, cfg) -> W~ as package.module:function, run inside the "
+                        "per-weight engine on the scoring device; or 'torchao' (nvfp4/mxfp4 through torchao's casts)")
+    p.add_argument("--quantizer", default=None,
+                   help="your model-level fake_op(model, cfg) as package.module:function: quantizes the whole model "
+                        "per config (the seed's protocol; --weight_quantizer is the fast one)")
     p.add_argument("--act_qspecs", default=None,
                    help="W4A4: activation fmt@blk specs, e.g. nvfp4@16 (quantizes X on the residual branch)")
     p.add_argument("--verify_cache", action="store_true",
@@ -161,7 +166,7 @@ def cmd_import_gguf(a) -> int:
 
 def cmd_save_xy(a) -> int:
     from tokenwise_harness.capture.save_xy import save_xy
-    from tokenwise_harness.run import resolve_callable
+    from tokenwise_harness.kernels import resolve_callable
 
     data_fn = resolve_callable(a.data_fn, "--data_fn") if a.data_fn else None
     corpus = None
@@ -191,6 +196,7 @@ def cmd_eval(a, smooth: bool) -> int:
     spec = EvalSpec.from_text(
         a.ranks, a.qspecs, model_dir=a.smooth_model_dir if smooth else a.model_dir, xy_path=a.xy_path,
         grid_mode=a.grid_mode, chunk_tokens=a.chunk_tokens, smooth=smooth, quantizer=a.quantizer,
+        weight_quantizer=a.weight_quantizer,
         no_restore=a.no_restore, torch_dtype=a.torch_dtype, device_map=a.device_map, device=a.device,
         verify_cache=a.verify_cache, no_verify_cache=a.no_verify_cache, model_flag="--smooth_model_dir" if smooth else "--model_dir",
         lowrank_iters=a.lowrank_iters,

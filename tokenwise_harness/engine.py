@@ -45,6 +45,11 @@ class WeightTriple:
     weight: "object"  # float32 [out, in] on the compute device
     bias: "object | None"
     smooth: "object | None"  # [in] or None
+    native: "object | None" = None  # the same weight in the checkpoint's dtype (what a weight-level kernel gets)
+
+    @property
+    def stored(self):
+        return self.weight if self.native is None else self.native
 
 
 @dataclass
@@ -88,7 +93,8 @@ class CheckpointWeights:
             raise HarnessError(f"{target.path} has no smooth_factor buffer; create the smoothed model with "
                                "`tokenwise-precision smooth`")
         conv = lambda t: None if t is None else t.to(device=device, dtype=torch.float32)  # noqa: E731
-        return WeightTriple(conv(w), conv(b), conv(s))
+        native = w.to(device=device)
+        return WeightTriple(native.to(torch.float32), conv(b), conv(s), native)
 
 
 class ModuleWeights:
@@ -112,7 +118,8 @@ class ModuleWeights:
         if self.smooth and s is None:
             raise HarnessError(f"{target.path} has no smooth_factor buffer")
         conv = lambda t: None if t is None else t.detach().to(device=device, dtype=torch.float32)  # noqa: E731
-        return WeightTriple(conv(mod.weight if weight is None else weight), conv(mod.bias), conv(s))
+        native = (mod.weight if weight is None else weight).detach().to(device=device)
+        return WeightTriple(native.to(torch.float32), conv(mod.bias), conv(s), native)
 
 
 def check_alignment(cache: XYCache, targets: list[Target], model_flag: str) -> list[Target]:
@@ -308,32 +315,40 @@ def config_groups(grid: list[SvdqConfig], weight_numel: int, device=None) -> lis
 def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: int, device,
                   targets: list[Target] | None = None, progress: bool = True,
                   stats: EngineStats | None = None, quantize_fn: Callable | None = None) -> dict:
-    """{(layer, block, proj): {cfg key: metrics}} for every target (default: all of them)."""
+    """{(layer, block, proj): {cfg key: metrics}} for every target (default: all of them).
+
+    quantize_fn: the built-in numerics.svdq.fake_quantize_weight by default, called as
+    quantize_fn(w_float32, cfg, lowrank=, name=). A weight-level kernel (kernels.WeightKernel,
+    `weight_level = True`) is called instead as kernel(w_in_checkpoint_dtype, cfg, name=) once per
+    (target, config), and the engine's own decomposition is skipped.
+    """
     from tqdm import tqdm
 
     from tokenwise_harness.calib import search as calibrate
     from tokenwise_harness.numerics import svdq
 
     quantize_fn = quantize_fn or svdq.fake_quantize_weight
+    weight_level = getattr(quantize_fn, "weight_level", False)
     stats = stats if stats is not None else EngineStats()
     targets = targets if targets is not None else check_alignment(cache, source.targets(), "the model")
     max_rank = max((c.rank for c in grid), default=0)
     # Iterated low-rank configs (iters > 1) score their iterates on the cached inputs: H = XᵀX.
     grams = calibrate.GramCache(cache, chunk_tokens, device) if any(c.iters > 1 for c in grid) else None
     results = {}
-    prepared = prepare_weights(source, targets, grid, device, max_rank, stats)
+    # A weight-level kernel makes its own branch: no decomposition here.
+    prepared = prepare_weights(source, targets, grid, device, 0 if weight_level else max_rank, stats)
     try:
         for target, triple, lowrank in tqdm(prepared, total=len(targets), desc="eval", unit="proj",
                                             disable=not progress):
             qfn = quantize_fn
-            if grams is not None:
+            if grams is not None and not weight_level:
                 t1 = _now(device)
                 qfn = svdq.with_gram(quantize_fn, grams.get(target, triple.smooth))
                 stats.seconds_decompose += _now(device) - t1
             metrics = {}
             for group in config_groups(grid, triple.weight.numel(), device):
                 t2 = _now(device)
-                terms = {cfg.key: config_term(triple.weight, cfg, lowrank, qfn, target.path) for cfg in group}
+                terms = {cfg.key: config_term(triple, cfg, lowrank, qfn, target.path) for cfg in group}
                 t3 = _now(device)
                 metrics.update(evaluate_weight(cache, target, triple, terms, chunk_tokens, device, stats))
                 stats.seconds_quantize += t3 - t2
@@ -407,7 +422,7 @@ def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], devic
             pending[i] = pool.submit(on_worker, i, targets[i])
         for i, target in enumerate(targets):
             triple, lowrank, computed, seconds = pending.pop(i).result()
-            for t in (triple.weight, triple.bias, triple.smooth,
+            for t in (triple.weight, triple.native, triple.bias, triple.smooth,
                       *(lowrank.tensors().values() if lowrank is not None else ())):
                 if t is not None:
                     t.record_stream(main)  # made on a worker's stream, used (and freed) on this one
@@ -443,14 +458,38 @@ def _lowrank(source, target: Target, triple: WeightTriple, max_rank: int, store,
     return lowrank, True
 
 
-def config_term(w, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str) -> ConfigTerm:
-    """ΔW of one config (and, for W4A4, Q_w(R): the residual branch the quantized X multiplies)."""
-    w_tilde = quantize_fn(w, cfg, lowrank=lowrank, name=name)
+def config_term(triple: WeightTriple, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str) -> ConfigTerm:
+    """ΔW of one config (and, for W4A4, Q_w(R): the residual branch the quantized X multiplies).
+
+    The built-in quantizer returns W~ (float32); a weight-level kernel returns its checked
+    output, W~ or SvdqParts (the residual branch read off the parts).
+    """
+    from tokenwise_harness.kernels.protocol import SvdqParts
+
+    w = triple.weight
+    if getattr(quantize_fn, "weight_level", False):
+        out = quantize_fn(triple.stored, cfg, name=name)
+    else:
+        out = quantize_fn(w, cfg, lowrank=lowrank, name=name)
+    residual_q = None
+    if isinstance(out, SvdqParts):
+        residual_q = out.residual
+        w_tilde = out.residual if out.lora_down.shape[0] == 0 else torch_addmm(out.residual, out.lora_up, out.lora_down)
+    else:
+        w_tilde = out
     if cfg.afmt is None:
         return ConfigTerm(w_tilde - w)
-    branch = lowrank.product(cfg.rank) if cfg.rank > 0 else None
-    residual_q = w_tilde if branch is None else w_tilde - branch
+    if residual_q is None:
+        branch = lowrank.product(cfg.rank) if cfg.rank > 0 else None
+        residual_q = w_tilde if branch is None else w_tilde - branch
     return ConfigTerm(w_tilde - w, act=(cfg.afmt, cfg.ablk), qr=residual_q)
+
+
+def torch_addmm(c, a, b):
+    """c + a @ b (float32)."""
+    import torch
+
+    return torch.addmm(c, a, b)
 
 
 def _now(device) -> float:
@@ -473,19 +512,24 @@ def _check_weight_finite(triple: WeightTriple, target: Target) -> None:
 
 
 def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[SvdqConfig], chunk_tokens: int,
-                           device, smooth: bool, no_restore: bool = False, progress: bool = True) -> dict:
+                           device, smooth: bool, no_restore: bool = False, progress: bool = True,
+                           targets: list[Target] | None = None) -> dict:
     """The seed's flow for a user's in-place model-level fake_op.
 
-    The allowlisted weights are backed up once (on the CPU, as the seed does); each config is
-    applied to the whole model, every projection is scored against its original weight, and
-    the weights are restored before the next config unless no_restore.
+    fake_op(model, cfg) quantizes the whole model per config (that is the protocol); only
+    `targets` (default: every allowlisted projection) are scored. The model is moved to the
+    scoring device when it fits there (so a GPU-only kernel runs), its allowlisted weights are
+    backed up once (beside them when there is room, else on the CPU, as the seed does), and
+    restored between configs unless no_restore.
     """
     import torch
     from tqdm import tqdm
 
     source = ModuleWeights(model, smooth)
-    targets = check_alignment(cache, source.targets(), "the model")
-    backup = {t: source.modules[t].weight.detach().to("cpu", copy=True) for t in targets}
+    every = check_alignment(cache, source.targets(), "the model")
+    targets = every if targets is None else sorted(targets, key=Target.sort_key)
+    backup_device = place_model(model, device, [source.modules[t].weight for t in every])
+    backup = {t: source.modules[t].weight.detach().to(backup_device, copy=True) for t in every}
     results = {(t.layer, t.block, t.proj): {} for t in targets}
     for cfg in tqdm(grid, desc="eval (model-level fake_op)", unit="cfg", disable=not progress):
         with torch.no_grad():
@@ -498,6 +542,38 @@ def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[
             results[(t.layer, t.block, t.proj)][cfg.key] = metrics[cfg.key]
         if not no_restore:
             with torch.no_grad():
-                for t in targets:
+                for t in every:
                     source.modules[t].weight.copy_(backup[t])
     return results
+
+
+# Headroom left free on the scoring GPU after the model and its weight backup.
+GPU_HEADROOM_BYTES = 4 << 30
+
+
+def place_model(model, device, backed_up) -> "str":
+    """Move the model to the scoring device when it fits; return where the weight backup goes.
+
+    A model spread by accelerate (hf_device_map) stays where it is. On a GPU the backup of the
+    allowlisted weights stays on the GPU too when both fit with GPU_HEADROOM_BYTES to spare;
+    otherwise it goes to the CPU (the seed's choice).
+    """
+    import torch
+
+    device = str(device)
+    if not device.startswith("cuda"):
+        return "cpu"
+    if getattr(model, "hf_device_map", None) and len(set(map(str, model.hf_device_map.values()))) > 1:
+        return "cpu"
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params += sum(b.numel() * b.element_size() for b in model.buffers())
+    backup = sum(w.numel() * w.element_size() for w in backed_up)
+    on_device = all(str(p.device) == str(torch.device(device)) or (p.device.type == "cuda" and device == "cuda")
+                    for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    if not on_device:
+        if params + GPU_HEADROOM_BYTES > free:
+            return "cpu"
+        model.to(device)
+        free -= params
+    return device if backup + GPU_HEADROOM_BYTES <= free else "cpu"

@@ -17,7 +17,6 @@ fields exist here only; front ends differ in their flag spelling alone (`flag_st
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -32,28 +31,24 @@ from tokenwise_harness.checkpoint import ModelDir, load_model, resolve_torch_dty
 from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
+from tokenwise_harness.kernels import BUILTIN_QUANTIZER, WeightKernel, load_weight_quantizer, resolve_callable
 from tokenwise_harness.text import plural
 
-DEFAULT_QUANTIZER = "tokenwise_harness.numerics.svdq:fake_op"
+DEFAULT_QUANTIZER = BUILTIN_QUANTIZER
 ENGINE_MODEL_OP = "model-level fake_op"
 ENGINE_SHARDS = "per-weight (checkpoint shards)"
 ENGINE_LOADED = "per-weight (loaded model)"
+WEIGHT_KERNEL = ", weight-level kernel"  # appended to the per-weight engine's name when a user kernel runs
 Results = dict[tuple[int, str, str], dict[str, dict]]
 
 
-def resolve_callable(spec: str, flag: str) -> Callable:
-    """'package.module:function' -> the function (a user's own implementation)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise HarnessError(f"{flag} {spec!r} must look like package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise HarnessError(f"{flag} {spec!r}: cannot import {module_name} ({exc})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise HarnessError(f"{flag} {spec!r}: {module_name} has no function {attr}")
-    return fn
+@dataclass
+class Quantizers:
+    """Which kernel scores the grid: the built-in one, a weight-level kernel, or a model-level fake_op."""
+
+    fake_op: Callable | None = None  # --quantizer: the seed's model-level fake_op(model, cfg)
+    kernel: WeightKernel | None = None  # --weight_quantizer: fn(weight, cfg) inside the per-weight engine
+    label: str = DEFAULT_QUANTIZER  # what the report's meta.quantizer and the baselines' provenance record
 
 
 @dataclass
@@ -67,7 +62,8 @@ class EvalSpec:
     grid_mode: str = "combined"
     chunk_tokens: int = 4096
     smooth: bool = False
-    quantizer: str | None = None
+    quantizer: str | None = None  # model-level fake_op(model, cfg), the seed's protocol
+    weight_quantizer: str | None = None  # weight-level fn(weight, cfg) -> W~ | SvdqParts, or "torchao"
     no_restore: bool = False
     torch_dtype: str = "auto"
     device_map: str | None = None
@@ -95,19 +91,37 @@ class EvalSpec:
         except HarnessError as exc:
             raise HarnessError(str(exc).replace("--grid_mode", self.flag("grid_mode"))) from None
 
-    def validate(self) -> Callable | None:
-        """Every check that needs no cache; the user's fake_op (or None). Raises HarnessError."""
+    def validate(self) -> Quantizers:
+        """Every check that needs no cache; the kernel that scores (loaded). Raises HarnessError."""
         if self.chunk_tokens <= 0:
             raise HarnessError(f"{self.flag('chunk_tokens')} {self.chunk_tokens} must be positive (a token count)")
-        self.grid()
+        grid = self.grid()
         resolve_torch_dtype(self.torch_dtype, self.flag("torch_dtype"))
         pick_device(self.device, self.flag("device"))
-        fake_op = resolve_callable(self.quantizer, self.flag("quantizer")) if self.quantizer else None
-        if fake_op is not None and self.act_qspecs:
-            raise HarnessError(f"{self.flag('act_qspecs')} cannot be combined with {self.flag('quantizer')}: a "
-                               "model-level fake_op quantizes weights only, so the residual branch cannot be separated")
+        quantizers = self.quantizers()
+        if quantizers.kernel is not None:
+            for cfg in grid:
+                if cfg.iters > 1:  # the format checks are per config, at scoring (pytest: -k may drop them)
+                    quantizers.kernel.check_config(cfg)
         ModelDir(self.model_dir, self.model_flag)
-        return fake_op
+        return quantizers
+
+    def quantizers(self) -> Quantizers:
+        """Load --quantizer / --weight_quantizer: the one place both front ends do it."""
+        q_flag, wq_flag, act_flag = self.flag("quantizer"), self.flag("weight_quantizer"), self.flag("act_qspecs")
+        if self.quantizer and self.weight_quantizer:
+            raise HarnessError(f"{q_flag} (model-level fake_op) and {wq_flag} (weight-level kernel) are two ways "
+                               "to plug in one kernel; give one of them")
+        if self.quantizer:
+            if self.act_qspecs:
+                raise HarnessError(f"{act_flag} cannot be combined with {q_flag}: a model-level fake_op quantizes "
+                                   "weights only, so the residual branch cannot be separated; use "
+                                   f"{wq_flag} with a kernel returning SvdqParts")
+            return Quantizers(fake_op=resolve_callable(self.quantizer, q_flag), label=self.quantizer)
+        if self.weight_quantizer:
+            kernel = load_weight_quantizer(self.weight_quantizer, wq_flag)
+            return Quantizers(kernel=kernel, label=kernel.label)
+        return Quantizers()
 
 
 def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
@@ -125,7 +139,8 @@ class Evaluation:
 
     def __init__(self, spec: EvalSpec, cache: XYCache | None = None):
         self.spec = spec
-        self.fake_op = spec.validate()
+        self.quantizers = spec.validate()
+        self.fake_op, self.kernel = self.quantizers.fake_op, self.quantizers.kernel
         self.grid = spec.grid()
         self.device = pick_device(spec.device, spec.flag("device"))
         self.mdir = ModelDir(spec.model_dir, spec.model_flag)
@@ -141,9 +156,10 @@ class Evaluation:
         """Which engine path scores this model (decided without loading anything)."""
         if self.fake_op is not None:
             return ENGINE_MODEL_OP
+        kernel = WEIGHT_KERNEL if self.kernel is not None else ""
         if self.mdir.safetensors_index is not None and self.mdir.targets():
-            return ENGINE_SHARDS
-        return ENGINE_LOADED
+            return ENGINE_SHARDS + kernel
+        return ENGINE_LOADED + kernel
 
     def model(self):
         """The instantiated model (loaded at most once): for a .bin checkpoint or a user's fake_op."""
@@ -161,7 +177,7 @@ class Evaluation:
         from tokenwise_harness import engine
 
         if self._source is None:
-            if self.engine == ENGINE_SHARDS:
+            if self.engine.startswith(ENGINE_SHARDS):
                 source = engine.CheckpointWeights(self.mdir, self.spec.smooth)
             else:
                 source = engine.ModuleWeights(self.model(), self.spec.smooth)
@@ -175,15 +191,19 @@ class Evaluation:
         """{(layer, block, proj): {cfg key: metrics}} of `configs` (default: the grid) on `targets`
         (default: every projection).
 
-        Each target is decomposed once for all `configs`. A model-level fake_op quantizes the
-        whole model per config, so with one every projection is scored (and returned),
-        whatever `targets` says. Every cached tensor the numbers come from has passed its
+        Each target is decomposed once for all `configs`; a weight-level kernel is called once
+        per (target, config), and every config is checked to be one it can score before any is.
+        A model-level fake_op quantizes the whole model per config (its protocol), and only
+        `targets` are scored. Every cached tensor the numbers come from has passed its
         checksum when they are returned: a whole-cache run hashes on a thread pool beside the
         engine (or up front with verify_cache), a partial one as each tensor streams.
         """
         from tokenwise_harness import engine
 
         configs = list(self.grid if configs is None else configs)
+        if self.kernel is not None:
+            for cfg in configs:
+                self.kernel.check_config(cfg)
         whole = targets is None
         if whole and self.spec.verify_cache:
             self.cache.verify_checksums()
@@ -193,11 +213,12 @@ class Evaluation:
             if self.fake_op is not None:
                 results = engine.evaluate_with_model_op(
                     self.cache, self.model(), self.fake_op, configs, self.spec.chunk_tokens, self.device,
-                    self.spec.smooth, self.spec.no_restore, progress)
+                    self.spec.smooth, self.spec.no_restore, progress, targets=None if whole else list(targets))
             else:
                 source = self._weights()
                 results = engine.evaluate_grid(self.cache, source, configs, self.spec.chunk_tokens, self.device,
-                                               targets=None if whole else list(targets), progress=progress)
+                                               targets=None if whole else list(targets), progress=progress,
+                                               quantize_fn=self.kernel)
         except BaseException:
             self.cache.stop_background()
             raise
@@ -219,7 +240,7 @@ class Evaluation:
             "model_dir": str(spec.model_dir),
             "model_fingerprint": self.mdir.fingerprint,
             "configs": [c.key for c in self.grid],
-            "quantizer": spec.quantizer or DEFAULT_QUANTIZER,
+            "quantizer": self.quantizers.label,
             "engine": self.engine,
             "harness_version": __version__,
         }

@@ -32,7 +32,12 @@ def pytest_addoption(parser):
     g.addoption("--update-baselines", action="store_true", help="rewrite the baselines of the cases that ran")
     g.addoption("--update-baselines-new", action="store_true", help="create missing baselines, keep existing ones")
     g.addoption("--tokenwise-report", default=None, help="write the full JSON report here at session end")
-    g.addoption("--quantizer", default=None, help="your model-level fake_op as package.module:function")
+    g.addoption("--weight-quantizer", default=None,
+                help="your weight-level kernel fn(weight, cfg) -> W~ as package.module:function (run per weight on the "
+                     "scoring device, once per selected case), or 'torchao'")
+    g.addoption("--quantizer", default=None,
+                help="your model-level fake_op(model, cfg) as package.module:function (quantizes the whole model per "
+                     "config; --weight-quantizer is the fast protocol)")
     g.addoption("--device", default=None, help="cpu, cuda or cuda:N (default cuda when present; xdist: one GPU per worker)")
     g.addoption("--torch-dtype", default="auto", help="dtype for loading models (auto|fp16|bf16|fp32)")
     g.addoption("--xy-cn", default=50, type=int, help="capture: Chinese samples (default 50)")

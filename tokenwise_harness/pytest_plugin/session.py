@@ -30,7 +30,7 @@ PROP = "tokenwise_case"
 RERUN_OPTIONS = (
     ("--model-dir", None), ("--smooth-model-dir", None), ("--smooth-alpha", None), ("--xy-path", None), ("--ranks", None),
     ("--qspecs", None), ("--grid-mode", None), ("--act-qspecs", None), ("--lowrank-iters", None),
-    ("--baselines-dir", None), ("--quantizer", None), ("--torch-dtype", "auto"),
+    ("--baselines-dir", None), ("--quantizer", None), ("--weight-quantizer", None), ("--torch-dtype", "auto"),
     ("--xy-cn", 50), ("--xy-eu", 80), ("--xy-length", 128), ("--xy-seed", 0), ("--tokenwise-cache-dir", None),
 )
 SUMMARY_ROWS = 10
@@ -111,14 +111,13 @@ class HarnessSession:
                         else grid_cfg.get("act_qspecs") or []),
             grid_mode=opt("--grid-mode") or grid_cfg.get("grid_mode", "combined"),
             lowrank_iters=iters if iters is not None else int(grid_cfg.get("iters", 1)),
-            chunk_tokens=opt("--chunk-tokens"), quantizer=opt("--quantizer"), torch_dtype=opt("--torch-dtype"),
-            flag_style="-")
-        self.quantizer = opt("--quantizer")
+            chunk_tokens=opt("--chunk-tokens"), quantizer=opt("--quantizer"),
+            weight_quantizer=opt("--weight-quantizer"), torch_dtype=opt("--torch-dtype"), flag_style="-")
         self.variants = self._variants()
         self.device = self._device()
         self.spec_options["device"] = self.device
         for variant in self.variants:
-            self._spec(variant).validate()
+            self.quantizers = self._spec(variant).validate()  # the kernel's label (meta, provenance)
         self.grid = self._spec(self.variants[0]).grid()
         self.chunk_tokens = self.spec_options["chunk_tokens"]
         self.xy_path = opt("--xy-path")
@@ -141,6 +140,7 @@ class HarnessSession:
         self.cases: dict[str, object] = {}
         self.items: list[TokenwiseItem] = []
         self.computed: dict[tuple, dict] = {}
+        self.failed: dict[tuple, dict[str, str]] = {}  # (variant, weight) -> {cfg key: error}: never recomputed
         self.recorded: dict[str, dict] = {}
         self.update_summaries: list = []
         self.stale: list[str] = []
@@ -307,10 +307,21 @@ class HarnessSession:
     def _metrics(self, item: TokenwiseItem) -> dict:
         # A HarnessError here (e.g. a rank above the weight's size) fails this case with its
         # one-line message (TokenwiseItem.repr_failure); the session goes on.
+        # A kernel's error fails every selected case of its weight with the message, without
+        # calling the kernel again: a kernel runs once per selected case, even when it fails.
         key = (item.variant, item.case.layer, item.case.block, item.case.proj)
-        if item.case.cfg.key not in self.computed.get(key, {}):
-            self._compute_weight(item)
-        return self.computed[key][item.case.cfg.key]
+        cfg_key = item.case.cfg.key
+        if cfg_key not in self.computed.get(key, {}) and cfg_key not in self.failed.get(key, {}):
+            try:
+                self._compute_weight(item)
+            except HarnessError as exc:
+                for cfg in self._selected_cfgs(item):
+                    if cfg.key not in self.computed.get(key, {}):
+                        self.failed.setdefault(key, {})[cfg.key] = str(exc)
+                raise
+        if cfg_key in self.failed.get(key, {}):
+            raise HarnessError(self.failed[key][cfg_key])
+        return self.computed[key][cfg_key]
 
     def _selected_cfgs(self, item: TokenwiseItem, same_weight: bool = True) -> list:
         """The configs that survived -k selection (compute only those): of this item's weight,
@@ -332,7 +343,24 @@ class HarnessSession:
         variant, case = item.variant, item.case
         evaluation = self.evaluation(variant)
         cfgs = self._selected_cfgs(item, same_weight=evaluation.fake_op is None)
-        results = evaluation.score(cfgs, [Target(case.layer, case.block, case.proj)])
+        targets = [Target(case.layer, case.block, case.proj)]
+        if evaluation.fake_op is not None:  # the whole model is quantized per config: score every selected weight
+            targets = sorted({Target(it.case.layer, it.case.block, it.case.proj) for it in item.session.items
+                              if isinstance(it, TokenwiseItem) and it.variant == variant} | set(targets),
+                             key=Target.sort_key)
+        if evaluation.kernel is not None:
+            # A config the kernel cannot score (torchao and int4) fails alone, not its weight's others.
+            runnable = []
+            for cfg in cfgs:
+                try:
+                    evaluation.kernel.check_config(cfg)
+                    runnable.append(cfg)
+                except HarnessError as exc:
+                    self.failed.setdefault((variant, case.layer, case.block, case.proj), {})[cfg.key] = str(exc)
+            if not runnable:
+                return
+            cfgs = runnable
+        results = evaluation.score(cfgs, targets)
         for (layer, block, proj), metrics in results.items():
             self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
 
@@ -367,7 +395,6 @@ class HarnessSession:
         import torch
 
         from tokenwise_harness.checkpoint import ModelDir
-        from tokenwise_harness.run import DEFAULT_QUANTIZER
         from tokenwise_harness.verdict.baselines import build_provenance
 
         if variant not in self._provenance:
@@ -380,7 +407,7 @@ class HarnessSession:
                 device=torch.cuda.get_device_name(self.device) if on_cuda else "cpu",
                 torch_version=torch.__version__,
                 cuda_version=torch.version.cuda if on_cuda else None,
-                cwd=self.rootdir), quantizer=self.quantizer or DEFAULT_QUANTIZER)
+                cwd=self.rootdir), quantizer=self.quantizers.label)
         return self._provenance[variant]
 
     # ------------------------------------------------------------ recording (controller side)
