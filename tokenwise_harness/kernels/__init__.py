@@ -13,13 +13,9 @@ Two protocols, one loader (`resolve_callable`, for every `package.module:functio
 The built-in quantizer is numerics.svdq.fake_quantize_weight (exact top-r branch + formats).
 """
 
-from tokenwise_harness.kernels.loader import (
-    BUILTIN_QUANTIZER,
-    WeightKernel,
-    load_weight_quantizer,
-    resolve_callable,
-)
+from tokenwise_harness.kernels.loader import BUILTIN_QUANTIZER, load_weight_quantizer, resolve_callable
 from tokenwise_harness.kernels.protocol import QuantConfig, SvdqParts
+from tokenwise_harness.kernels.weight_kernel import WeightKernel
 
 __all__ = ["BUILTIN_QUANTIZER", "QuantConfig", "SvdqParts", "WeightKernel", "load_weight_quantizer",
            "resolve_callable"]

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
-from tokenwise_harness.kernels.loader import WeightKernel
 from tokenwise_harness.kernels.protocol import SvdqParts
+from tokenwise_harness.kernels.weight_kernel import WeightKernel
 
 NAME = "torchao"
 TORCHAO_RTOL = 1e-3  # stated agreement with the built-in engine, relative, on every metric
@@ -33,7 +33,7 @@ INSTALL_HINT = "pip install 'tokenwise-harness[torchao]' (or pip install torchao
 
 def load(flag: str = "--weight_quantizer") -> WeightKernel:
     casts = _import_casts(flag)
-    return WeightKernel(_Kernel(casts), NAME, version=f"torchao {casts['version']}", supports=unsupported)
+    return WeightKernel(_Kernel(casts), f"{NAME} adapter", version=f"torchao {casts['version']}", supports=unsupported)
 
 
 def unsupported(cfg: SvdqConfig) -> str | None:
