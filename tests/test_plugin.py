@@ -373,7 +373,7 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
 
 
 def test_xdist_scheduler_groups_by_weight_and_respects_an_explicit_dist(pytester):
-    from tokenwise_harness.pytest_plugin.session import _dist_given, weight_group
+    from tokenwise_harness.pytest_plugin.xdist import _dist_given, weight_group
 
     q8 = weight_group("tokenwise::layer0-self_attn-q_proj-rank8-nvfp4-blk16")
     assert q8 == "tokenwise:model.layers.0.self_attn.q_proj"

@@ -52,8 +52,10 @@ def pytest_addoption(parser):
                      "list and prune with `tokenwise-precision cache ls|prune`")
 
 
-def _session(config):
-    return config.stash.get(_SESSION, None)
+def _call(config, method: str, *args):
+    """session.method(*args) on this run's HarnessSession; nothing when the harness is off."""
+    harness = config.stash.get(_SESSION, None)
+    return getattr(harness, method)(*args) if harness is not None else None
 
 
 def pytest_configure(config):
@@ -66,37 +68,27 @@ def pytest_configure(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    s = _session(config)
-    return s.make_scheduler(log) if s is not None else None
+    return _call(config, "make_scheduler", log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionstart(session):
-    s = _session(session.config)
-    if s is not None:
-        s.prepare_cache()
+    _call(session.config, "prepare_cache")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session, config, items):
-    s = _session(config)
-    if s is not None:
-        s.collect(session, items)
+    _call(config, "collect", session, items)
 
 
 def pytest_report_header(config):
-    s = _session(config)
-    return s.header() if s is not None else None
+    return _call(config, "header")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    s = _session(config)
-    if s is not None:
-        s.terminal_summary(terminalreporter)
+    _call(config, "terminal_summary", terminalreporter)
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
-    s = _session(session.config)
-    if s is not None:
-        s.finish(session)
+    _call(session.config, "finish", session)

@@ -1,8 +1,8 @@
-"""The pytest harness session: collects, selects, records and reports (syrupy's shape).
+"""The pytest harness session: options, collection, running items, recording (syrupy's shape).
 
-One HarnessSession per pytest process lives in config.stash; plugin.py's hooks delegate to
-it. Cases are keyed by our case id (layer, block, projection, config, smooth), never by
-pytest's nodeid (xdist appends `@group` under --dist loadgroup).
+One HarnessSession per pytest process lives in config.stash; hooks.py's hooks delegate to
+it; xdist.py groups and transports cases, terminal.py prints, run.py scores. Cases are
+keyed by our case id (layer, block, projection, config, smooth), never by pytest's nodeid (xdist appends `@group` under --dist loadgroup).
 
 Flow: options are validated at configure (a HarnessError becomes a pytest usage error);
 the cache is resolved or captured once at session start on the controller; collection
@@ -14,17 +14,15 @@ controller sees every case and alone writes the JSON artifact and the baselines.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.pytest_plugin import terminal, xdist
 from tokenwise_harness.report.document import METRIC_KEYS
 
-PROP = "tokenwise_case"
 # Options quoted in the "create it with `pytest ... --update-baselines`" hint when set (and
 # not at their default): everything that selects the cases, the cache or the baseline store.
 RERUN_OPTIONS = (
@@ -33,7 +31,6 @@ RERUN_OPTIONS = (
     ("--baselines-dir", None), ("--quantizer", None), ("--weight-quantizer", None), ("--torch-dtype", "auto"),
     ("--xy-cn", 50), ("--xy-eu", 80), ("--xy-length", 128), ("--xy-seed", 0), ("--tokenwise-cache-dir", None),
 )
-SUMMARY_ROWS = 10
 
 
 class CaseFailure(Exception):
@@ -93,7 +90,7 @@ class HarnessSession:
         self.config = config
         _check_rootdir(config)
         opt = config.getoption
-        self.is_worker = hasattr(config, "workerinput")
+        self.is_worker = xdist.is_worker(config)
         self.rootdir = Path(config.rootpath)
         thresholds_path = opt("--thresholds")
         default_thresholds = self.rootdir / "thresholds.yaml"
@@ -167,14 +164,7 @@ class HarnessSession:
     def _device(self) -> str:
         from tokenwise_harness.device import pick_device
 
-        device = pick_device(self.config.getoption("--device"), "--device")
-        worker = getattr(self.config, "workerinput", {}).get("workerid", "")
-        if device == "cuda" and worker.startswith("gw"):
-            import torch
-
-            # one GPU per xdist worker, by worker index (CUDA_VISIBLE_DEVICES already applied)
-            device = f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
-        return device
+        return xdist.worker_device(self.config, pick_device(self.config.getoption("--device"), "--device"))
 
     # ------------------------------------------------------------ cache
     def prepare_cache(self) -> None:
@@ -238,7 +228,7 @@ class HarnessSession:
         for variant, case in self._generated():
             item = TokenwiseItem.from_parent(parent, name=case.case_id, case=case, variant=variant, harness=self)
             item.add_marker(pytest.mark.tokenwise)
-            item.add_marker(pytest.mark.xdist_group(name=f"{case.module_path}{'-smooth' if variant.smooth else ''}"))
+            item.add_marker(pytest.mark.xdist_group(name=xdist.group_name(case)))
             new.append(item)
         self.items = new
         items.extend(new)
@@ -263,20 +253,8 @@ class HarnessSession:
                     out.append((variant, case))
         return out
 
-    # ------------------------------------------------------------ xdist
     def make_scheduler(self, log):
-        """The xdist scheduler under -n: all configs of one weight go to one worker.
-
-        Used for `--dist loadgroup` and for plain `-n N` (whose implied `--dist load` would
-        spread a weight's configs over workers, each redoing its decomposition and X pass);
-        an explicit `--dist load|loadscope|...` is respected (None: xdist's own scheduler).
-        Groups come from our case ids, not from xdist's `@group` nodeid suffix, which
-        pytest 9's structured node ids silently drop (pytest-dev/pytest-xdist#1386).
-        """
-        dist = self.config.getvalue("dist")
-        if dist == "loadgroup" or (dist == "load" and not _dist_given(self.config)):
-            return _scheduler_class()(self.config, log)
-        return None
+        return xdist.make_scheduler(self.config, log)
 
     # ------------------------------------------------------------ running
     def run_item(self, item: TokenwiseItem) -> None:
@@ -294,10 +272,7 @@ class HarnessSession:
                    "config": case.cfg.key, "smooth": case.smooth, "metrics": metrics, "limits": limits,
                    "baseline": baseline, "verdict": "failed" if failures else "passed",
                    "model_dir": item.variant.model_dir}
-        item.user_properties.append((PROP, json.dumps(payload, sort_keys=True, allow_nan=True)))
-        for name in METRIC_KEYS:  # one junitxml <property> per metric
-            if name in metrics:
-                item.user_properties.append((name, metrics[name]))
+        xdist.attach(item, payload, METRIC_KEYS)
         if failures:
             raise CaseFailure("\n".join(failures))
 
@@ -410,14 +385,18 @@ class HarnessSession:
                 cwd=self.rootdir), quantizer=self.quantizers.label)
         return self._provenance[variant]
 
+    # ------------------------------------------------------------ terminal
+    def header(self) -> str:
+        return terminal.header(self)
+
+    def terminal_summary(self, tr) -> None:
+        terminal.summary(self, tr)
+
     # ------------------------------------------------------------ recording (controller side)
     def pytest_runtest_logreport(self, report):
-        if report.when != "call":
-            return
-        for name, value in report.user_properties:
-            if name == PROP:
-                payload = json.loads(value)
-                self.recorded[payload["case_id"]] = payload
+        payload = xdist.received(report)
+        if payload is not None:
+            self.recorded[payload["case_id"]] = payload
 
     def finish(self, session) -> None:
         if self.is_worker or not self.recorded:
@@ -457,6 +436,8 @@ class HarnessSession:
         Only such stored cases can be judged stale: a baseline of a config outside the current
         grid, or outside `-k`, is simply not part of this run.
         """
+        # pytest has no public API that evaluates a -k expression on a name that is not a
+        # collected item (here: a stored baseline's case id); Expression is what -k itself runs.
         from _pytest.mark.expression import Expression
 
         from tokenwise_harness.verdict.cases import parse_case_id
@@ -499,37 +480,6 @@ class HarnessSession:
         rep["cases"] = cases
         report.write_report(rep, Path(self.report_path), flag="--tokenwise-report")
 
-    # ------------------------------------------------------------ terminal
-    def header(self) -> str:
-        models = ", ".join(f"{v.model_dir}{' (smoothed)' if v.smooth else ''}" for v in self.variants)
-        return f"tokenwise: {models}; grid {len(self.grid)} configs; device {self.device}"
-
-    def terminal_summary(self, tr) -> None:
-        if self.is_worker or not self.recorded:
-            return
-        tr.section("tokenwise precision")
-        worst = sorted(self.recorded.values(), key=lambda p: -_num(p["metrics"]["nmse"]))
-        tr.write_line(f"{'case':<60} {'nmse':>11} {'sqnr_db':>8} {'rel_l2_max':>11} verdict")
-        for p in worst[:SUMMARY_ROWS]:
-            m = p["metrics"]
-            tr.write_line(f"{p['case_id']:<60} {_num(m['nmse']):>11.4e} {_num(m['sqnr_db']):>8.2f} "
-                          f"{_num(m['token_rel_l2_max']):>11.4e} {p['verdict']}")
-        if len(worst) > SUMMARY_ROWS:
-            tr.write_line(f"... {len(worst) - SUMMARY_ROWS} more cases (see --tokenwise-report)")
-        for summary in self.update_summaries:
-            for line in summary.lines():
-                tr.write_line(line)
-        if self.stale:
-            verb = "deleted" if self.update else "stale (no such case any more; --update-baselines deletes them)"
-            tr.write_line(f"baselines {verb}: {len(self.stale)}")
-            for cid in self.stale[:SUMMARY_ROWS]:
-                tr.write_line(f"  {cid}")
-        for w in self.warnings:
-            tr.write_line(f"warning: {w}")
-        if self.report_path:
-            tr.write_line(f"report: {self.report_path}")
-
-
 # Harness options whose value is a path: `--model-dir /models/m` (with a space) misleads
 # pytest's rootdir choice, see _check_rootdir.
 PATH_OPTIONS = ("--model-dir", "--smooth-model-dir", "--xy-path", "--thresholds", "--baselines-dir",
@@ -554,7 +504,9 @@ def _check_rootdir(config) -> None:
              and Path(config.invocation_params.dir, b).exists()]
     if not taken:
         return
-    try:  # pytest's own choice, from the real test paths only (a private API: skip if it moved)
+    # pytest has no public API that recomputes its rootdir/ini choice from other args:
+    # determine_setup is what it ran itself (a private API: skip the check if it moved).
+    try:
         from _pytest.config.findpaths import determine_setup
 
         kwargs = dict(inifile=config.option.inifilename, args=[str(a) for a in config.option.file_or_dir or ()],
@@ -573,52 +525,6 @@ def _check_rootdir(config) -> None:
                        "(with '=': pytest learns plugin options too late), or give --rootdir")
 
 
-_DIST_FLAGS = ("--dist", "-d", "--distload")
-
-
-def _dist_given(config) -> bool:
-    """Whether the user chose an xdist mode (command line, PYTEST_ADDOPTS or ini addopts)."""
-    import os
-    import shlex
-
-    args = [str(a) for a in config.invocation_params.args]
-    args += shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
-    args += [str(a) for a in config.getini("addopts")]
-    return any(a in _DIST_FLAGS or a.startswith("--dist=") for a in args)
-
-
-def weight_group(nodeid: str) -> str | None:
-    """The weight a tokenwise item's nodeid scores (`tokenwise::<case id>[@group]`), else None."""
-    from tokenwise_harness.verdict.cases import parse_case_id
-
-    prefix = "tokenwise::"
-    if not nodeid.startswith(prefix):
-        return None
-    case = parse_case_id(nodeid[len(prefix):].split("@", 1)[0])
-    if case is None:
-        return None
-    return f"tokenwise:{case.module_path}{'-smooth' if case.smooth else ''}"
-
-
-_SCHEDULER = None
-
-
-def _scheduler_class():
-    """xdist's LoadGroupScheduling, grouping tokenwise items by weight (built on first use:
-    xdist is optional)."""
-    global _SCHEDULER
-    if _SCHEDULER is None:
-        from xdist.scheduler import LoadGroupScheduling
-
-        class TokenwiseScheduling(LoadGroupScheduling):
-            def _split_scope(self, nodeid: str) -> str:
-                group = weight_group(nodeid)
-                return group if group is not None else super()._split_scope(nodeid)
-
-        _SCHEDULER = TokenwiseScheduling
-    return _SCHEDULER
-
-
 def _check_creatable(directory: Path, flag: str) -> None:
     """HarnessError unless `directory` exists writable, or could be created (without creating it)."""
     from tokenwise_harness.atomic import check_writable_dir
@@ -629,7 +535,3 @@ def _check_creatable(directory: Path, flag: str) -> None:
     if not parent.is_dir():
         raise HarnessError(f"{flag}: {parent} is not a directory, so {directory} cannot be created")
     check_writable_dir(parent, flag, create=False)
-
-
-def _num(value) -> float:
-    return math.nan if value is None else float(value)
