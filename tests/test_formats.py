@@ -456,6 +456,9 @@ def test_nvfp4_equals_torchao_except_where_the_reciprocal_crosses_a_midpoint(kin
         assert differing > 100  # the difference is real, not hypothetical
     elif kind in ("normal", "outliers", "spread") and dtype == torch.float32:
         assert differing == 0  # random float32 data essentially never sits within ulps of a midpoint
+    elif kind in ("normal", "outliers") and dtype == torch.bfloat16:
+        # bf16 data (short mantissas: x / total is often exactly a midpoint) does, now and then
+        assert 0 < differing < 0.002 * sum(r * c for r, c in shapes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
