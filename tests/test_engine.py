@@ -340,7 +340,9 @@ def qwen2_fp16(demo_model_dirs, tmp_path_factory):
 @pytest.mark.parametrize("cache_kind", ["fp16", "fp32"])
 def test_metrics_on_cuda_match_float64_reference(qwen2, qwen2_fp16, cache_kind):
     """The engine on the GPU (fp16 cache: the 16-bit ErrorMatmul path) against float64 numpy
-    metrics of the same W~: nmse/sse within 1e-4 (the docstring's 'a few 1e-5'), the rest 1e-4."""
+    metrics of the same W~: the sums (sse, denom, nmse, sqnr) within 1e-4 (ErrorMatmul's 'a few
+    1e-5'); per-token norms within 5e-4 (one token's ||E_t|| over 32-160 outputs sees M's 2^-11
+    rounding averaged over fewer terms)."""
     model_dir, cache_path = qwen2_fp16 if cache_kind == "fp16" else qwen2
     cache, mdir = XYCache(cache_path), ModelDir(model_dir)
     grid = build_grid([0, 8], parse_qspecs("nvfp4@16,int4_asym@32"), "full")
@@ -357,4 +359,5 @@ def test_metrics_on_cuda_match_float64_reference(qwen2, qwen2_fp16, cache_kind):
             ref = reference_metrics(x, y, w_tilde, b)
             got = results[(target.layer, target.block, target.proj)][cfg.key]
             for name, value in ref.items():
-                assert got[name] == pytest.approx(value, rel=1e-4), (target.path, cfg.key, name)
+                rel = 5e-4 if name.startswith("token_") else 1e-4
+                assert got[name] == pytest.approx(value, rel=rel), (target.path, cfg.key, name)
