@@ -10,6 +10,13 @@ to be imported here.
 HARNESS_OPTIONS = ("model_dir", "smooth_model_dir", "xy_path")
 
 
+def pytest_cmdline_main(config):
+    """A gate run loads no pytest-benchmark (a test/bench extra here, for bench/ and test_perf.py):
+    installed, it would print its header into the gate's output and create .benchmarks/."""
+    if any(config.getoption(name, None) for name in HARNESS_OPTIONS):
+        config.pluginmanager.set_blocked("benchmark")
+
+
 def pytest_ignore_collect(collection_path, config):
     if any(config.getoption(name, None) for name in HARNESS_OPTIONS):
         return "tests" in collection_path.parts or "bench" in collection_path.parts

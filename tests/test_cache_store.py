@@ -118,7 +118,7 @@ def test_ls_and_prune(tmp_path):
     assert [e.size for e in entries] == [3000, 1000, 500 + 2]
     assert 9.9 < entries[0].age_days < 10.1 and 0.9 < entries[1].age_days < 1.1 and entries[2].age_days < 0.01
 
-    with pytest.raises(HarnessError, match="--older-than DAYS or --all"):
+    with pytest.raises(HarnessError, match="--older_than DAYS or --all"):
         store.prune()
     assert [e.path for e in store.prune(older_than_days=5, dry_run=True)] == [old] and old.exists()
     assert [e.path for e in store.prune(older_than_days=5)] == [old]

@@ -189,9 +189,9 @@ class CacheStore:
         """Remove entries not used for `older_than_days` days (or all); returns what was (or would be) removed.
         An entry being built by a running job (its lock held) is skipped."""
         if older_than_days is None and not everything:
-            raise HarnessError("cache prune: give --older-than DAYS or --all")
+            raise HarnessError("nothing to prune: give --older_than DAYS or --all")
         if older_than_days is not None and older_than_days < 0:
-            raise HarnessError(f"--older-than {older_than_days} must be >= 0 days")
+            raise HarnessError(f"--older_than {older_than_days} must be >= 0 days")
         entries = self.entries()
         chosen = [e for e in entries if e.kind in KINDS and (everything or e.age_days >= older_than_days)]
         for e in entries:  # memo stores: their old files (all of them with --all)

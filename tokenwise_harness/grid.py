@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.errors import HarnessError, did_you_mean
 
 Block = "int | str | None"  # an int, "in" (one block per row), or None (no quantization)
 
@@ -120,7 +120,8 @@ def parse_qspec(text: str, flag: str = "--qspecs") -> QSpec:
     fmt = fmt.strip().lower()
     if fmt not in formats.FORMATS:
         known = ", ".join(sorted(formats.FORMATS))
-        raise HarnessError(f"{flag}: qspec {text!r} has unknown format {fmt!r}; known formats: {known}")
+        raise HarnessError(f"{flag}: qspec {text!r} has unknown format {fmt!r}{did_you_mean(fmt, formats.FORMATS)} "
+                           f"(known formats: {known}; `tokenwise-precision formats` describes them)")
     if not sep:
         return QSpec(fmt, formats.FORMATS[fmt].default_blk)
     blk_text = blk_text.strip()
