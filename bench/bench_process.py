@@ -190,18 +190,19 @@ def oracle_nmse(model_dir: Path, cache_path: Path, path: str, cfg, device: str) 
 
 
 def write_big_model(out: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int, vocab: int,
-                    layers_per_shard: int, device: str) -> None:
-    """A Qwen3-shaped bf16 checkpoint written shard by shard (index + shards), no transformers."""
+                    layers_per_shard: int, device: str, dtype_name: str = "bfloat16") -> None:
+    """A Qwen3-shaped checkpoint (random N(0, 1/in) weights) written shard by shard, no transformers:
+    one model.safetensors, or shards and their index."""
     import torch
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     head_dim = hidden // heads
-    dtype = torch.bfloat16
+    dtype = getattr(torch, dtype_name)
     config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
               "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+              "max_position_embeddings": 4096, "tie_word_embeddings": False, "torch_dtype": dtype_name}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -214,7 +215,7 @@ def write_big_model(out: Path, layers: int, hidden: int, inter: int, heads: int,
     n_shards = -(-layers // layers_per_shard)
     weight_map = {}
     for s in range(n_shards):
-        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors"
+        name = f"model-{s + 1:05d}-of-{n_shards:05d}.safetensors" if n_shards > 1 else "model.safetensors"
         tensors = {}
         if s == 0:
             tensors["model.embed_tokens.weight"] = rand(vocab, hidden)
@@ -231,14 +232,18 @@ def write_big_model(out: Path, layers: int, hidden: int, inter: int, heads: int,
             tensors["lm_head.weight"] = rand(vocab, hidden)
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    if n_shards > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
 
 
-def write_synthetic_cache(path: Path, model_dir: Path, n_tokens: int, device: str) -> None:
-    """A compact-layout X cache for every projection of model_dir (random fp16 activations with
-    a few large channels), with the metadata and per-tensor checksums save_xy writes."""
+def write_synthetic_cache(path: Path, model_dir: Path, n_tokens: int, device: str, compact: bool = True) -> None:
+    """A save_xy-format cache for every projection of model_dir, without a forward pass: random
+    fp16 inputs with a few large channels (one per input group, as siblings share it), Y =
+    fp16(X·Wᵀ) in the seed layout; save_xy's metadata and per-tensor sha256 checksums (hashed
+    on a thread pool; the header's placeholders are rewritten in place, as save_xy does)."""
     import hashlib
     import struct
+    from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
@@ -253,30 +258,56 @@ def write_synthetic_cache(path: Path, model_dir: Path, n_tokens: int, device: st
         with __import__("safetensors").safe_open(str(mdir.safetensors_index[t.path + ".weight"]), "pt") as fh:
             out_f, in_f = fh.get_slice(t.path + ".weight").get_shape()
         targets.append((t, SimpleNamespace(in_features=in_f, out_features=out_f)))
-    shapes, aliases = _cache_layout(targets, n_tokens, compact=True)
+    shapes, aliases = _cache_layout(targets, n_tokens, compact=compact)
     g = torch.Generator(device=device).manual_seed(1)
-    widths = sorted({s[1] for s in shapes.values()})
-    blocks, sums = {}, {}
-    for width in widths:
-        x = torch.randn(n_tokens, width, generator=g, device=device)
-        x[:, :: max(1, width // 8)] *= 20.0  # a few large input channels, as real activations have
-        blocks[width] = x.half().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
-        sums[width] = hashlib.sha256(blocks[width]).hexdigest()
+    inputs: dict = {}
+
+    def x_of(target, width):
+        if target.input_group not in inputs:
+            inputs.clear()  # one group's X at a time
+            x = torch.randn(n_tokens, width, generator=g, device=device)
+            x[:, :: max(1, width // 8)] *= 20.0  # a few large input channels, as real activations have
+            inputs[target.input_group] = x.half()
+        return inputs[target.input_group]
+
+    def tensor_bytes(key):
+        target = next(t for t, _ in targets if key.startswith(t.path + "."))
+        x = x_of(target, shapes[key][1] if key.endswith(".X") else None) if key.endswith(".X") else None
+        if key.endswith(".Y"):
+            x = x_of(target, next(m.in_features for t, m in targets if t == target))
+            w = mdir.read(target.path + ".weight", device).float()
+            t_ = (x.float() @ w.T).half()
+        else:
+            t_ = x
+        return t_.cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
+
     meta = {"seed": "0", "cn": "0", "eu": "0", "length": str(n_tokens), "save_dtype": "fp16",
             "format_version": FORMAT_VERSION, "model_fingerprint": mdir.fingerprint, "data_fingerprint": "synthetic",
-            "n_tokens": str(n_tokens), "model_name": mdir.name, "torch_dtype": "auto", "harness_version": __version__,
-            "x_aliases": json.dumps(aliases, sort_keys=True),
-            "checksums": json.dumps({k: sums[s[1]] for k, s in shapes.items()}, sort_keys=True)}
-    header, offset = {"__metadata__": meta}, 0
-    for k, (n, width) in shapes.items():
-        header[k] = {"dtype": "F16", "shape": [n, width], "data_offsets": [offset, offset + n * width * 2]}
-        offset += n * width * 2
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(len(text) + 8) % 8)
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(text)) + text)
-        for _, (_, width) in shapes.items():
-            fh.write(blocks[width])
+            "n_tokens": str(n_tokens), "model_name": mdir.name, "torch_dtype": "auto", "harness_version": __version__}
+    if aliases:
+        meta["x_aliases"] = json.dumps(aliases, sort_keys=True)
+
+    def header(sums):
+        h, offset = {"__metadata__": dict(meta, checksums=json.dumps(sums, sort_keys=True))}, 0
+        for k, (n, width) in shapes.items():
+            h[k] = {"dtype": "F16", "shape": [n, width], "data_offsets": [offset, offset + n * width * 2]}
+            offset += n * width * 2
+        text = json.dumps(h, separators=(",", ":")).encode()
+        text += b" " * (-(len(text) + 8) % 8)
+        return struct.pack("<Q", len(text)) + text
+
+    placeholder = header({k: "0" * 64 for k in shapes})
+    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as pool, open(path, "wb") as fh:
+        fh.write(placeholder)
+        digests = {}
+        for key in shapes:
+            data = tensor_bytes(key)
+            fh.write(data)
+            digests[key] = pool.submit(lambda d: hashlib.sha256(d).hexdigest(), data)
+        final = header({k: f.result() for k, f in digests.items()})
+        assert len(final) == len(placeholder)
+        fh.seek(0)
+        fh.write(final)
 
 
 # ----------------------------------------------------------------------------------- main
@@ -289,7 +320,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="scratch dir for models and caches (default: /dev/shm or /tmp)")
     p.add_argument("--small", action="store_true", help="CPU-sized shapes")
     p.add_argument("--big_tokens", type=int, default=None, help="tokens of the 36-layer synthetic cache")
-    p.add_argument("--skip", default="", help="comma-separated row groups to skip: seed,big,gate")
+    p.add_argument("--skip", default="", help="comma-separated row groups to skip: seed,floors,marginal,big,gate")
+    p.add_argument("--synthetic4", action="store_true",
+                   help="the 4-layer model and its seed-layout cache written directly (random fp32 weights, random X, "
+                        "Y = X·Wᵀ) instead of make_demo_model + save_xy: the same shapes, a minute less")
     a = p.parse_args(argv)
     OUT = Path(a.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -327,13 +361,24 @@ def main(argv=None) -> int:
     from tokenwise_harness.demo.models import make_demo_model
 
     m4, cdir = work / "m4", work / "c"
-    t = time.perf_counter()
-    make_demo_model("qwen3", m4, **shape4)
-    record("build_model4", {"seconds": round(time.perf_counter() - t, 1)})
-    process("save_xy_seed_layout", [py, "tokenwise_harness", "save_xy", f"--model_dir={m4}", f"--save_path={cdir}",
-                                    "--label=seed", f"--cn={samples['cn']}", f"--eu={samples['eu']}",
-                                    f"--length={samples['length']}", "--batch_size=16"])
     cache = cdir / "seed.safetensors"
+    t = time.perf_counter()
+    if a.synthetic4:
+        cdir.mkdir()
+        write_big_model(m4, device=device, dtype_name="float32", layers=shape4["num_layers"], vocab=1024,
+                        layers_per_shard=shape4["num_layers"], hidden=shape4["hidden_size"],
+                        inter=shape4["intermediate_size"], heads=shape4["num_heads"], kv_heads=shape4["num_kv_heads"])
+        os.environ["TOKENWISE_CACHE_DIR"] = str(work / "memo_setup")  # the setup's digests stay out of memo_a
+        write_synthetic_cache(cache, m4, samples["cn"] * samples["length"] + samples["eu"] * samples["length"], device,
+                              compact=False)
+        record("build_model4_and_synthetic_seed_cache", {"seconds": round(time.perf_counter() - t, 1),
+                                                         "cache_bytes": cache.stat().st_size})
+    else:
+        make_demo_model("qwen3", m4, **shape4)
+        record("build_model4", {"seconds": round(time.perf_counter() - t, 1)})
+        process("save_xy_seed_layout", [py, "tokenwise_harness", "save_xy", f"--model_dir={m4}", f"--save_path={cdir}",
+                                        "--label=seed", f"--cn={samples['cn']}", f"--eu={samples['eu']}",
+                                        f"--length={samples['length']}", "--batch_size=16"])
 
     # ---- floors
     from tokenwise_harness.cache import XYCache
@@ -346,10 +391,12 @@ def main(argv=None) -> int:
         with __import__("safetensors").safe_open(str(mdir.safetensors_index[t_.path + ".weight"]), "pt") as fh:
             weight_shapes.append(tuple(fh.get_slice(t_.path + ".weight").get_shape()))
     floor = matmul_floor(weight_shapes, n_tokens, device)
-    record("floors", {"matmul_floor_s_per_config": round(floor, 4), "n_tokens": n_tokens,
+    record("floors", {} if "floors" in skip else {"matmul_floor_s_per_config": round(floor, 4), "n_tokens": n_tokens,
                       "flops_per_config": 2 * n_tokens * sum(o * i for o, i in weight_shapes),
                       "bf16_TFLOPs": round(2 * n_tokens * sum(o * i for o, i in weight_shapes) / floor / 1e12, 1),
                       **read_rates(cache, device, chunk)})
+    if "floors" in skip:
+        record("floors", {"matmul_floor_s_per_config": round(floor, 4), "n_tokens": n_tokens})
 
     # ---- the seed's flow as a process
     if "seed" not in skip:
@@ -384,21 +431,25 @@ def main(argv=None) -> int:
                                       "quantize_s": round(stats.seconds_quantize, 2)})
     del os.environ["TOKENWISE_NO_MEMO"]
     os.environ["TOKENWISE_CACHE_DIR"] = str(memo_a)
-    grid16 = build_grid([8, 16, 32, 64], parse_qspecs("nvfp4@16,nvfp4@128,mxfp4@32,int4@128"))
-    grid1 = [SvdqConfig(64, "nvfp4", 16)]  # the same max rank: the same stored factors
-    engine_run(m4, cache, grid16, device, chunk)  # warm-up: fills the store at rank 64
-    t1 = engine_run(m4, cache, grid1, device, chunk)[2]
-    results16, stats16, t16 = engine_run(m4, cache, grid16, device, chunk)
-    marginal = (t16 - t1) / (len(grid16) - 1)
-    record("marginal_per_config", {"t_1_config_s": round(t1, 3), "t_16_configs_s": round(t16, 3),
-                                   "marginal_s": round(marginal, 4), "floor_s": round(floor, 4),
-                                   "x_floor": round(marginal / floor, 2), "decompositions": stats16.decompositions,
-                                   "quantize_s": round(stats16.seconds_quantize, 3),
-                                   "error_s": round(stats16.seconds_error, 3)})
+    results16 = None
+    if "marginal" not in skip:
+        grid16 = build_grid([8, 16, 32, 64], parse_qspecs("nvfp4@16,nvfp4@128,mxfp4@32,int4@128"))
+        grid1 = [SvdqConfig(64, "nvfp4", 16)]  # the same max rank: the same stored factors
+        engine_run(m4, cache, grid16, device, chunk)  # warm-up: fills the store at rank 64
+        t1 = engine_run(m4, cache, grid1, device, chunk)[2]
+        results16, stats16, t16 = engine_run(m4, cache, grid16, device, chunk)
+        marginal = (t16 - t1) / (len(grid16) - 1)
+        record("marginal_per_config", {"t_1_config_s": round(t1, 3), "t_16_configs_s": round(t16, 3),
+                                       "marginal_s": round(marginal, 4), "floor_s": round(floor, 4),
+                                       "x_floor": round(marginal / floor, 2), "decompositions": stats16.decompositions,
+                                       "quantize_s": round(stats16.seconds_quantize, 3),
+                                       "error_s": round(stats16.seconds_error, 3)})
     checks = {}
     for path in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
         cfg = SvdqConfig(8, "nvfp4", 16)
         t_ = next(t for t in mdir.targets() if t.path == path)
+        if results16 is None:
+            results16 = engine_run(m4, cache, [cfg], device, chunk)[0]
         got = results16[(t_.layer, t_.block, t_.proj)][cfg.key]["nmse"]
         want = oracle_nmse(m4, cache, path, cfg, device)
         checks[path] = {"engine": got, "float64": want, "rel": abs(got - want) / want}
@@ -418,7 +469,7 @@ def main(argv=None) -> int:
     write_big_model(mb, device=device, **big)
     os.environ["TOKENWISE_CACHE_DIR"] = str(work / "memo_setup")  # the setup's digests stay out of memo_b
     memo.clear_process_memo()
-    write_synthetic_cache(cb, mb, big_tokens, device)
+    write_synthetic_cache(cb, mb, big_tokens, device, compact=True)
     record("build_big", {"seconds": round(time.perf_counter() - t, 1),
                          "weights_GB": round(sum(f.stat().st_size for f in mb.iterdir()) / 1e9, 2),
                          "cache_GB": round(cb.stat().st_size / 1e9, 2)})

@@ -409,6 +409,9 @@ def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], devic
 
     dev = torch.device(device)
     main = torch.cuda.current_stream(dev)
+    # CUDA linalg initialises lazily, and that first call is not thread-safe ("lazy wrapper should
+    # be called at most once"): make it here, before the workers' first eigh.
+    torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=dev))
     streams = [torch.cuda.Stream(dev) for _ in range(PREFETCH_DEPTH)]
 
     def on_worker(i, target):
