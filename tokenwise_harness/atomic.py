@@ -122,11 +122,37 @@ def atomic_path(final: Path, flag: str = "output") -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(final: Path, flag: str = "output") -> Iterator[Path]:
+    """Yield a new temp directory beside `final`; on success it takes `final`'s place.
+
+    An existing `final` directory is swapped out, then deleted (callers decide beforehand
+    whether it may be replaced). On any exception (KeyboardInterrupt included) the temp
+    directory is removed and `final` is as it was; after SIGKILL at most a `.tmp-*` directory
+    is left, which clear_leftovers(final) removes.
+    """
+    final = Path(final)
+    check_writable_dir(final.parent, flag, create=True)
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), dir=final.parent))
+    old = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the output from other users
+        if final.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=tmp_prefix(final) + "old.", dir=final.parent))
+            os.replace(final, old / "dir")
+        os.replace(tmp, final)
+    except BaseException:
+        if old is not None and (old / "dir").is_dir() and not final.exists():
+            os.replace(old / "dir", final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_text_atomic(final: Path, text: str, flag: str = "output") -> None:
     with atomic_path(final, flag) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def write_bytes_atomic(final: Path, data: bytes, flag: str = "output") -> None:
-    with atomic_path(final, flag) as tmp:
-        tmp.write_bytes(data)

@@ -31,7 +31,6 @@ from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
 
 FORMAT_VERSION = "1"
-REQUIRED_META = ("seed", "cn", "eu", "length", "save_dtype")
 _ST_DTYPES = {"fp16": "F16", "fp32": "F32", "bf16": "BF16"}
 _ITEMSIZE = {"F16": 2, "F32": 4, "BF16": 2, "F64": 8}
 

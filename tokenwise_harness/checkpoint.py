@@ -14,9 +14,14 @@ import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # config.json fields that change without changing the model's function.
@@ -166,7 +171,7 @@ class ModelDir:
                     found.add(target)
         return sorted(found, key=Target.sort_key)
 
-    def read(self, name: str, device: str = "cpu"):
+    def read(self, name: str, device: str = "cpu") -> torch.Tensor | None:
         """One tensor from the shards (None if absent)."""
         index = self.safetensors_index or {}
         shard = index.get(name)
@@ -178,7 +183,7 @@ class ModelDir:
             return fh.get_tensor(name)
 
 
-def resolve_torch_dtype(text: str | None, flag: str = "--torch_dtype"):
+def resolve_torch_dtype(text: str | None, flag: str = "--torch_dtype") -> torch.dtype | str:
     """'auto'|'fp16'|'bf16'|'fp32' -> torch dtype or 'auto'."""
     import torch
 
@@ -198,7 +203,7 @@ def resolve_torch_dtype(text: str | None, flag: str = "--torch_dtype"):
 
 
 def load_model(model_dir: ModelDir, torch_dtype: str | None = "auto", device_map: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False) -> torch.nn.Module:
     """AutoModelForCausalLM from a local dir, offline, in eval mode."""
     from transformers import AutoModelForCausalLM
 
@@ -223,7 +228,7 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load_tokenizer(model_dir: ModelDir, trust_remote_code: bool = False):
+def load_tokenizer(model_dir: ModelDir, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     quiet_transformers()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import NoReturn
 
 from tokenwise_harness import __version__
 from tokenwise_harness.errors import HarnessError, did_you_mean
@@ -74,7 +75,7 @@ class _Parser(argparse.ArgumentParser):
         self._last_args = list(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {self._explain(message)} (see {self.prog} --help)\n")
 
     def _explain(self, message: str) -> str:
@@ -332,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cmd_demo(a) -> int:
+def cmd_demo(a: argparse.Namespace) -> int:
     from tokenwise_harness.demo.job import run_demo
 
     run_demo(a.out, model=a.model, model_dir=a.model_dir, gguf=a.gguf, ranks=a.ranks, qspecs=a.qspecs, cn=a.cn,
@@ -341,14 +342,14 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def cmd_import_gguf(a) -> int:
+def cmd_import_gguf(a: argparse.Namespace) -> int:
     from tokenwise_harness.gguf_import import import_gguf
 
     import_gguf(a.gguf, a.out, overwrite=a.overwrite)
     return 0
 
 
-def cmd_save_xy(a) -> int:
+def cmd_save_xy(a: argparse.Namespace) -> int:
     from tokenwise_harness.capture.save_xy import save_xy
     from tokenwise_harness.kernels import resolve_callable
 
@@ -365,7 +366,7 @@ def cmd_save_xy(a) -> int:
     return 0
 
 
-def cmd_eval(a, smooth: bool) -> int:
+def cmd_eval(a: argparse.Namespace, smooth: bool) -> int:
     from pathlib import Path
 
     from tokenwise_harness.atomic import check_output_file, clear_leftovers
@@ -391,7 +392,7 @@ def cmd_eval(a, smooth: bool) -> int:
     return 0
 
 
-def cmd_smooth(a) -> int:
+def cmd_smooth(a: argparse.Namespace) -> int:
     from tokenwise_harness.calib.smooth import smooth
 
     smooth(a.model_dir, a.xy_path, a.out_dir, alpha=a.alpha, chunk_tokens=a.chunk_tokens,
@@ -399,7 +400,7 @@ def cmd_smooth(a) -> int:
     return 0
 
 
-def cmd_analyze(a) -> int:
+def cmd_analyze(a: argparse.Namespace) -> int:
     from tokenwise_harness.report.analyze import analyze
 
     for path in analyze(a.report, a.out_dir, html=a.html):
@@ -407,7 +408,7 @@ def cmd_analyze(a) -> int:
     return 0
 
 
-def cmd_make_demo_model(a) -> int:
+def cmd_make_demo_model(a: argparse.Namespace) -> int:
     from tokenwise_harness.demo.models import make_demo_model
 
     out = make_demo_model(a.family, a.out, seed=a.seed, num_layers=a.layers, overwrite=a.overwrite)
@@ -415,7 +416,7 @@ def cmd_make_demo_model(a) -> int:
     return 0
 
 
-def cmd_formats(a) -> int:
+def cmd_formats(a: argparse.Namespace) -> int:
     from tokenwise_harness.numerics.formats import FORMATS
 
     rows = [("format", "default block", "elements", "block scale", "description")]
@@ -428,7 +429,7 @@ def cmd_formats(a) -> int:
     return 0
 
 
-def cmd_cache_ls(a) -> int:
+def cmd_cache_ls(a: argparse.Namespace) -> int:
     from tokenwise_harness.cache_store import CacheStore, human_age, human_size
 
     store = CacheStore(a.cache_dir, flag="--cache_dir")
@@ -448,7 +449,7 @@ def cmd_cache_ls(a) -> int:
     return 0
 
 
-def cmd_cache_prune(a) -> int:
+def cmd_cache_prune(a: argparse.Namespace) -> int:
     from tokenwise_harness.cache_store import CacheStore, human_size
 
     store = CacheStore(a.cache_dir, flag="--cache_dir")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenwise_harness.allowlist import Target, iter_allowed_linears
 from tokenwise_harness.cache import XYCache
@@ -62,7 +62,6 @@ class EngineStats:
     seconds_quantize: float = 0.0
     seconds_error: float = 0.0
     error_flops: int = 0
-    per_weight: list = field(default_factory=list)
 
 
 class CheckpointWeights:

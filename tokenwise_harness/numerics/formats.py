@@ -130,10 +130,6 @@ class FormatSpec:
     elem_values: tuple[float, ...]  # every value an element (code) can take, ascending
     scale: str  # how a block scale is stored: "e4m3" (x fp32 tensor scale), "e8m0", "fp32"
 
-    @property
-    def elem_max(self) -> float:
-        return max(abs(v) for v in self.elem_values)
-
 
 FORMATS: dict[str, FormatSpec] = {
     spec.name: spec

@@ -13,11 +13,14 @@ A token whose ||Y_t|| is 0 has relative error 0 when ||E_t|| is 0 and +inf other
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it computes: the names below stay importable without it
+    import torch
 
-METRIC_NAMES = ("nmse", "sqnr_db", "token_l2_mean", "token_l2_max", "token_rel_l2_mean",
-                "token_rel_l2_max", "sse", "denom", "n_tokens")
+# Every metric a projection x config gets, in the order reports, baselines and tables list them.
+METRIC_KEYS = ("nmse", "sqnr_db", "token_l2_mean", "token_l2_max", "token_rel_l2_mean",
+               "token_rel_l2_max", "sse", "denom", "n_tokens")
 
 
 class TokenwiseAccumulator:
@@ -89,23 +92,28 @@ class TokenwiseAccumulator:
 
 
 def sqnr_db(nmse: float) -> float:
-    """Signal-to-quantization-noise ratio in dB: -10 log10(nmse); +inf for an exact result."""
-    if nmse <= 0:
+    """Signal-to-quantization-noise ratio in dB, -10 log10(nmse), the one definition everywhere:
+    +inf for an exact result (nmse 0), -inf for nmse +inf, NaN for a NaN or negative nmse."""
+    if math.isnan(nmse) or nmse < 0:
+        return math.nan
+    if nmse == 0:
         return math.inf
-    if math.isinf(nmse) or math.isnan(nmse):
-        return -math.inf if math.isinf(nmse) else math.nan
-    return -10.0 * math.log10(nmse)
+    return -math.inf if math.isinf(nmse) else -10.0 * math.log10(nmse)
 
 
 class GramAccumulator:
     """H = XᵀX and max_t |X_tj| of a stream of X chunks [n, in], in float64 on `device`."""
 
     def __init__(self, in_dim: int, device: str | torch.device = "cpu") -> None:
+        import torch
+
         self.gram = torch.zeros(in_dim, in_dim, dtype=torch.float64, device=device)
         self.amax = torch.zeros(in_dim, dtype=torch.float64, device=device)
         self.n_tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
+        import torch
+
         x = x.to(device=self.gram.device, dtype=torch.float64)
         self.gram.addmm_(x.T, x)
         if x.shape[0]:
@@ -119,11 +127,15 @@ class GramAccumulator:
 
 def scale_gram(gram: torch.Tensor, smooth: torch.Tensor) -> torch.Tensor:
     """diag(1/s) H diag(1/s): the Gram of X / s, from the Gram of X."""
+    import torch
+
     inv = 1.0 / smooth.to(device=gram.device, dtype=torch.float64)
     return gram * inv[:, None] * inv[None, :]
 
 
 def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     """tr(ΔW H ΔWᵀ) = ||X ΔWᵀ||²_F in float64, for ΔW [out, in] and H = XᵀX [in, in]."""
+    import torch
+
     d = delta.to(device=gram.device, dtype=torch.float64)
     return max(0.0, float(((d @ gram) * d).sum()))

@@ -14,14 +14,23 @@ controller sees every case and alone writes the JSON artifact and the baselines.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.pytest_plugin import terminal, xdist
 from tokenwise_harness.report.document import METRIC_KEYS
+
+if TYPE_CHECKING:
+    from tokenwise_harness.run import Evaluation
+    from tokenwise_harness.verdict.baselines import BaselineStore
+    from tokenwise_harness.verdict.cases import Case
+
+T = TypeVar("T")
 
 # Options quoted in the "create it with `pytest ... --update-baselines`" hint when set (and
 # not at their default): everything that selects the cases, the cache or the baseline store.
@@ -47,30 +56,30 @@ class Variant:
 
 
 class TokenwiseItem(pytest.Item):
-    def __init__(self, *, case, variant: Variant, harness: "HarnessSession", **kw):
+    def __init__(self, *, case: Case, variant: Variant, harness: HarnessSession, **kw) -> None:
         super().__init__(**kw)
         self.case = case
         self.variant = variant
         self.harness = harness
 
-    def runtest(self):
+    def runtest(self) -> None:
         self.harness.run_item(self)
 
-    def repr_failure(self, excinfo, style=None):
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: str | None = None) -> object:
         if isinstance(excinfo.value, (CaseFailure, HarnessError)):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style)
 
-    def reportinfo(self):
+    def reportinfo(self) -> tuple[Path, None, str]:
         return self.path, None, self.case.case_id
 
 
 class TokenwiseCollector(pytest.Collector):
-    def collect(self):
+    def collect(self) -> list:
         return []
 
 
-def _usage(fn):
+def _usage(fn: Callable[[], T]) -> T:
     """Run fn; a HarnessError becomes a pytest usage error (exit 4, one line, no traceback)."""
     try:
         return fn()
@@ -80,10 +89,10 @@ def _usage(fn):
 
 class HarnessSession:
     @classmethod
-    def start(cls, config) -> "HarnessSession":
+    def start(cls, config: pytest.Config) -> HarnessSession:
         return _usage(lambda: cls(config))
 
-    def __init__(self, config):
+    def __init__(self, config: pytest.Config) -> None:
         from tokenwise_harness.grid import parse_qspecs, parse_ranks
         from tokenwise_harness.verdict.thresholds import load_thresholds
 
@@ -221,7 +230,7 @@ class HarnessSession:
             raise HarnessError(re.sub(r"--(cn|eu|length)\b", r"--xy-\1", str(exc))) from None
 
     # ------------------------------------------------------------ collection
-    def collect(self, session, items: list) -> None:
+    def collect(self, session: pytest.Session, items: list[pytest.Item]) -> None:
         parent = TokenwiseCollector.from_parent(session, name="tokenwise", nodeid="tokenwise",
                                                 path=self.rootdir / "tokenwise")
         new = []
@@ -253,7 +262,7 @@ class HarnessSession:
                     out.append((variant, case))
         return out
 
-    def make_scheduler(self, log):
+    def make_scheduler(self, log: object) -> object | None:
         return xdist.make_scheduler(self.config, log)
 
     # ------------------------------------------------------------ running
@@ -276,7 +285,7 @@ class HarnessSession:
         if failures:
             raise CaseFailure("\n".join(failures))
 
-    def _baseline_failures(self, store, case, metrics, variant) -> list[str]:
+    def _baseline_failures(self, store: BaselineStore, case: Case, metrics: dict, variant: Variant) -> list[str]:
         return list(store.compare(case, metrics, self.thresholds, provenance=self.provenance(variant)))
 
     def _metrics(self, item: TokenwiseItem) -> dict:
@@ -345,7 +354,7 @@ class HarnessSession:
         return EvalSpec(model_dir=variant.model_dir, xy_path=xy_path, smooth=variant.smooth, model_flag=variant.flag,
                         **self.spec_options)
 
-    def evaluation(self, variant: Variant):
+    def evaluation(self, variant: Variant) -> Evaluation:
         """The run module's Evaluation of a variant on the session's cache (made once)."""
         from tokenwise_harness.run import Evaluation
 
@@ -389,16 +398,16 @@ class HarnessSession:
     def header(self) -> str:
         return terminal.header(self)
 
-    def terminal_summary(self, tr) -> None:
+    def terminal_summary(self, tr: pytest.TerminalReporter) -> None:
         terminal.summary(self, tr)
 
     # ------------------------------------------------------------ recording (controller side)
-    def pytest_runtest_logreport(self, report):
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         payload = xdist.received(report)
         if payload is not None:
             self.recorded[payload["case_id"]] = payload
 
-    def finish(self, session) -> None:
+    def finish(self, session: pytest.Session) -> None:
         if self.is_worker or not self.recorded:
             return
         try:
@@ -409,7 +418,7 @@ class HarnessSession:
             self.warnings.append(str(exc))
             session.exitstatus = pytest.ExitCode.USAGE_ERROR
 
-    def _write_baselines(self, session) -> None:
+    def _write_baselines(self, session: pytest.Session) -> None:
         by_variant: dict[Variant, list[dict]] = {}
         for payload in self.recorded.values():
             variant = next(v for v in self.variants if v.model_dir == payload["model_dir"]
@@ -486,7 +495,7 @@ PATH_OPTIONS = ("--model-dir", "--smooth-model-dir", "--xy-path", "--thresholds"
                 "--tokenwise-report", "--tokenwise-cache-dir")
 
 
-def _check_rootdir(config) -> None:
+def _check_rootdir(config: pytest.Config) -> None:
     """HarnessError when an option's value moved pytest's rootdir or ini file.
 
     pytest chooses the rootdir and ini file before it loads plugins, so it does not know our

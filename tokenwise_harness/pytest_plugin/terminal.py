@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tokenwise_harness.pytest_plugin.session import HarnessSession
 
 SUMMARY_ROWS = 10
 
 
-def header(harness) -> str:
+def header(harness: HarnessSession) -> str:
     models = ", ".join(f"{v.model_dir}{' (smoothed)' if v.smooth else ''}" for v in harness.variants)
     return f"tokenwise: {models}; grid {len(harness.grid)} configs; device {harness.device}"
 
 
-def summary(harness, tr) -> None:
+def summary(harness: HarnessSession, tr: pytest.TerminalReporter) -> None:
     """The worst cases by nmse, baseline updates, stale baselines, warnings and the report path."""
     if harness.is_worker or not harness.recorded:
         return
@@ -39,5 +45,5 @@ def summary(harness, tr) -> None:
         tr.write_line(f"report: {harness.report_path}")
 
 
-def _num(value) -> float:
+def _num(value: float | None) -> float:
     return math.nan if value is None else float(value)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from collections.abc import Iterable
 
-from tokenwise_harness.verdict.cases import parse_case_id
+import pytest
+
+from tokenwise_harness.verdict.cases import Case, parse_case_id
 
 # Name of the user property that carries a case's payload (JSON) on its test report: xdist
 # sends reports, user_properties included, from the workers to the controller.
@@ -19,12 +22,12 @@ NODEID_PREFIX = "tokenwise::"
 _DIST_FLAGS = ("--dist", "-d", "--distload")
 
 
-def is_worker(config) -> bool:
+def is_worker(config: pytest.Config) -> bool:
     """Whether this process is an xdist worker (xdist documents `config.workerinput` for that)."""
     return hasattr(config, "workerinput")
 
 
-def worker_device(config, device: str) -> str:
+def worker_device(config: pytest.Config, device: str) -> str:
     """'cuda' on an xdist worker -> 'cuda:N': one GPU per worker, by worker index
     (CUDA_VISIBLE_DEVICES already applied)."""
     worker = getattr(config, "workerinput", {}).get("workerid", "")
@@ -35,7 +38,7 @@ def worker_device(config, device: str) -> str:
     return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
 
 
-def group_name(case) -> str:
+def group_name(case: Case) -> str:
     """The xdist group of a case: its weight (and variant)."""
     return f"{case.module_path}{'-smooth' if case.smooth else ''}"
 
@@ -48,7 +51,7 @@ def weight_group(nodeid: str) -> str | None:
     return None if case is None else f"tokenwise:{group_name(case)}"
 
 
-def make_scheduler(config, log):
+def make_scheduler(config: pytest.Config, log: object) -> object | None:
     """The xdist scheduler under -n: all configs of one weight go to one worker.
 
     Used for `--dist loadgroup` and for plain `-n N` (whose implied `--dist load` would
@@ -63,7 +66,7 @@ def make_scheduler(config, log):
     return None
 
 
-def _dist_given(config) -> bool:
+def _dist_given(config: pytest.Config) -> bool:
     """Whether the user chose an xdist mode (command line, PYTEST_ADDOPTS or ini addopts)."""
     args = [str(a) for a in config.invocation_params.args]
     args += shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
@@ -92,7 +95,7 @@ def _scheduler_class():
     return _SCHEDULER
 
 
-def attach(item, payload: dict, metric_names) -> None:
+def attach(item: pytest.Item, payload: dict, metric_names: Iterable[str]) -> None:
     """Put a case's payload on its report (and one junitxml <property> per metric)."""
     item.user_properties.append((PROP, json.dumps(payload, sort_keys=True, allow_nan=True)))
     for name in metric_names:
@@ -100,7 +103,7 @@ def attach(item, payload: dict, metric_names) -> None:
             item.user_properties.append((name, payload["metrics"][name]))
 
 
-def received(report) -> dict | None:
+def received(report: pytest.TestReport) -> dict | None:
     """The case payload a call-phase report carries (on the controller, from any worker), else None."""
     if report.when != "call":
         return None

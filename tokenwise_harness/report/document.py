@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,10 @@ from tokenwise_harness.allowlist import ALLOWED, PROJ_ORDER
 from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import parse_key
+from tokenwise_harness.numerics import metrics as metric_math
+from tokenwise_harness.numerics.metrics import METRIC_KEYS
 
 META_KEYS = ("xy_path", "xy_meta", "grid_mode", "ranks", "qspecs", "smooth", "chunk_tokens")
-METRIC_KEYS = (
-    "nmse", "sqnr_db", "token_l2_mean", "token_l2_max", "token_rel_l2_mean",
-    "token_rel_l2_max", "sse", "denom", "n_tokens",
-)
 AGG_KEYS = ("nmse_mean_over_proj", "nmse_max_over_proj", "n_proj")
 BLOCK_ORDER = ("self_attn", "mlp")
 RUN_KEY = "run"  # meta[RUN_KEY]: run-specific info, ignored when comparing reports
@@ -61,11 +59,9 @@ def finite_or_none(value: Any) -> float | None:
 
 
 def sqnr_db(nmse: float | None) -> float | None:
-    """-10*log10(nmse); None for nmse 0 (+inf dB), None or non-finite."""
+    """metrics.sqnr_db as JSON holds it: None for nmse 0 (+inf dB), None or non-finite."""
     nmse = finite_or_none(nmse)
-    if nmse is None or nmse <= 0.0:
-        return None
-    return -10.0 * math.log10(nmse)
+    return None if nmse is None else finite_or_none(metric_math.sqnr_db(nmse))
 
 
 def normalize_metrics(metrics: Mapping[str, Any], where: str = "metrics") -> dict:
@@ -108,7 +104,7 @@ def _plain(value: Any) -> Any:
 
 # ---------------------------------------------------------------- ordering
 
-def _ordered(d: Mapping, first: Iterable[str], rest_key=None) -> dict:
+def _ordered(d: Mapping, first: Iterable[str], rest_key: Callable[[str], Any] | None = None) -> dict:
     """d with the keys of `first` (those present) first, the rest sorted by rest_key."""
     first = [k for k in first if k in d]
     rest = sorted((k for k in d if k not in first), key=rest_key)
@@ -382,7 +378,7 @@ def _entries_problem(where: str, block: Mapping) -> str | None:
 
 # ---------------------------------------------------------------- reading helpers
 
-def iter_metrics(report: Mapping):
+def iter_metrics(report: Mapping) -> Iterator[tuple[int, str, str, str, dict]]:
     """Yield (layer:int, block, proj, cfg_key, metrics) in canonical order."""
     report = canonicalize(report)
     for lkey, layer in report["by_layer"].items():
@@ -392,7 +388,7 @@ def iter_metrics(report: Mapping):
                     yield int(lkey), block, proj, cfg, metrics
 
 
-def iter_agg(report: Mapping):
+def iter_agg(report: Mapping) -> Iterator[tuple[int, str, str, dict]]:
     """Yield (layer:int, block, cfg_key, agg) in canonical order."""
     report = canonicalize(report)
     for lkey, layer in report["by_layer"].items():

@@ -34,19 +34,13 @@ import yaml
 from tokenwise_harness.allowlist import PROJ_ORDER
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import GRID_MODES, parse_qspecs, parse_ranks
+from tokenwise_harness.numerics.metrics import METRIC_KEYS, sqnr_db
 from tokenwise_harness.verdict.cases import Case
 
 VERSION = 1
 # metric -> "max" (upper bound: fail above) or "min" (lower bound: fail below).
-METRICS: dict[str, str] = {
-    "nmse": "max",
-    "sqnr_db": "min",
-    "token_l2_mean": "max",
-    "token_l2_max": "max",
-    "token_rel_l2_mean": "max",
-    "token_rel_l2_max": "max",
-    "sse": "max",
-}
+# Every metric but the bookkeeping ones (denom, n_tokens); only sqnr_db is better when higher.
+METRICS: dict[str, str] = {m: "min" if m == "sqnr_db" else "max" for m in METRIC_KEYS if m not in ("denom", "n_tokens")}
 DERIVED = ("sqnr_db",)  # computed from nmse, never taken from the run (see gated_values)
 TOP_KEYS = ("version", "grid", "defaults", "rules", "baseline")
 GRID_KEYS = ("ranks", "qspecs", "grid_mode", "act_qspecs", "iters")
@@ -66,9 +60,6 @@ class Limit:
 
     def violated_by(self, value: float) -> bool:
         return value > self.value if self.kind == "max" else value < self.value
-
-    def to_dict(self) -> dict:
-        return {"value": self.value, "kind": self.kind, "rule": self.rule}
 
 
 @dataclass(frozen=True)
@@ -177,11 +168,7 @@ def gated_values(metrics: Mapping[str, Any]) -> tuple[dict[str, float], set[str]
     values = {m: _as_float(metrics[m]) for m in METRICS if m in metrics}
     derived = set()
     if "nmse" in values:
-        nmse = values["nmse"]
-        if math.isnan(nmse) or nmse < 0:
-            values["sqnr_db"] = math.nan
-        else:
-            values["sqnr_db"] = math.inf if nmse == 0 else -10.0 * math.log10(nmse)
+        values["sqnr_db"] = sqnr_db(values["nmse"])
         derived.add("sqnr_db")
     return values, derived
 
