@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import pytest
-
-if TYPE_CHECKING:
-    from tokenwise_harness.pytest_plugin.session import HarnessSession
 
 SUMMARY_ROWS = 10
 
 
-def header(harness: HarnessSession) -> str:
+def header(harness: Any) -> str:
+    """`harness`: the HarnessSession (not imported: session.py imports this module)."""
     models = ", ".join(f"{v.model_dir}{' (smoothed)' if v.smooth else ''}" for v in harness.variants)
     return f"tokenwise: {models}; grid {len(harness.grid)} configs; device {harness.device}"
 
 
-def summary(harness: HarnessSession, tr: pytest.TerminalReporter) -> None:
+def summary(harness: Any, tr: pytest.TerminalReporter) -> None:
     """The worst cases by nmse, baseline updates, stale baselines, warnings and the report path."""
     if harness.is_worker or not harness.recorded:
         return
