@@ -42,3 +42,27 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
 
 def files_under(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p.is_file())
+
+
+REPO = Path(__file__).resolve().parents[1]
+REPO_SMOLLM2 = REPO / "models" / "smollm2"  # where README tells users to import it (git-ignored)
+
+
+def repo_smollm2() -> Path:
+    """SmolLM2-135M imported at models/smollm2 in the repo, as the README's self-gate command needs it.
+
+    Imported once (~45 s) under a file lock, so every xdist worker and every test file that needs
+    the real model (test_smollm2.py, test_selfgate.py) shares one import; a later run finds it
+    imported (import_gguf keeps a dir made from the same file).
+    """
+    import fcntl
+
+    from tokenwise_harness.gguf_import import import_gguf
+
+    REPO_SMOLLM2.parent.mkdir(exist_ok=True)
+    with open(REPO_SMOLLM2.parent / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return import_gguf(None, REPO_SMOLLM2, log=lambda m: None)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -83,10 +83,9 @@ def smol(tmp_path_factory) -> Path:
     why = _unavailable()
     if why is not None:
         pytest.skip(f"SmolLM2-135M not available: {why}")
-    from tokenwise_harness.gguf_import import import_gguf
+    from tests.helpers import repo_smollm2
 
-    with shared_dir(tmp_path_factory, "model") as d:
-        return import_gguf(None, d / "model", log=lambda m: None)  # kept when another worker made it
+    return repo_smollm2()  # models/smollm2, shared with test_selfgate.py (imported once, under a lock)
 
 
 @pytest.fixture(scope="module")

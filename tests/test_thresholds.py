@@ -287,7 +287,11 @@ grid:
 
 def test_repo_thresholds_yaml_is_valid_and_means_what_it_says():
     th = load_thresholds(REPO / "thresholds.yaml")
-    assert th.grid["ranks"] == [8, 16, 32]
+    assert th.grid["ranks"] == [16, 32]  # the repo's self-gate on SmolLM2-135M (tests/test_selfgate.py)
+    assert {q.fmt for q in th.grid["qspecs"]} == {"nvfp4", "mxfp4", "int4"}
+    assert th.capture == {"cn": 4, "eu": 4, "length": 64, "seed": 0}
+    assert th.selects(15, "mlp", "up_proj") and not th.selects(14, "mlp", "up_proj")
+    assert th.tolerance("nmse") == (0.01, 1e-9)
     assert th.limits_for(case(fmt="none", blk=None)) == {}
     assert th.limits_for(case(blk=16))["nmse"].value == 0.02
     assert th.limits_for(case(fmt="fp8", blk="in"))["nmse"].value == 0.005
@@ -299,6 +303,11 @@ def test_repo_thresholds_yaml_is_valid_and_means_what_it_says():
 
 
 BAD_FILES = [
+    ("capture: {cn: 0}\n", "capture.cn 0 must be an integer >= 1"),
+    ("capture: {seed: -1}\n", "capture.seed -1 must be an integer >= 0"),
+    ("capture: {tokens: 5}\n", "capture: unknown key 'tokens'"),
+    ("select: {rank: 16}\n", "select: unknown field 'rank'; known: layer, block, proj"),
+    ("select: {layer: '3-1'}\n", "select.layer: range '3-1' is empty"),
     ("defaults: [1, 2\n", "not valid YAML"),
     ("- a\n- b\n", "top level must be a mapping"),
     ("limits: {nmse: 1}\n", "top level: unknown key 'limits'"),

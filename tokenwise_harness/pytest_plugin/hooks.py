@@ -40,10 +40,14 @@ def pytest_addoption(parser):
                      "config; --weight-quantizer is the fast protocol)")
     g.addoption("--device", default=None, help="cpu, cuda or cuda:N (default cuda when present; xdist: one GPU per worker)")
     g.addoption("--torch-dtype", default="auto", help="dtype for loading models (auto|fp16|bf16|fp32)")
-    g.addoption("--xy-cn", default=50, type=int, help="capture: Chinese samples (default 50)")
-    g.addoption("--xy-eu", default=80, type=int, help="capture: non-Chinese samples (default 80)")
-    g.addoption("--xy-length", default=128, type=int, help="capture: tokens per sample (default 128)")
-    g.addoption("--xy-seed", default=0, type=int, help="capture: sampling seed (default 0)")
+    g.addoption("--xy-cn", default=None, type=int,
+                help="capture: Chinese samples (default: thresholds.yaml capture.cn, else 50)")
+    g.addoption("--xy-eu", default=None, type=int,
+                help="capture: non-Chinese samples (default: thresholds.yaml capture.eu, else 80)")
+    g.addoption("--xy-length", default=None, type=int,
+                help="capture: tokens per sample (default: thresholds.yaml capture.length, else 128)")
+    g.addoption("--xy-seed", default=None, type=int,
+                help="capture: sampling seed (default: thresholds.yaml capture.seed, else 0)")
     g.addoption("--xy-full", action="store_true",
                 help="capture: the seed's full layout (every X and Y) instead of the compact one (shared X, no Y)")
     g.addoption("--tokenwise-cache-dir", default=None,

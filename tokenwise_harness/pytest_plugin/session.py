@@ -38,7 +38,7 @@ RERUN_OPTIONS = (
     ("--model-dir", None), ("--smooth-model-dir", None), ("--smooth-alpha", None), ("--xy-path", None), ("--ranks", None),
     ("--qspecs", None), ("--grid-mode", None), ("--act-qspecs", None), ("--lowrank-iters", None),
     ("--baselines-dir", None), ("--quantizer", None), ("--weight-quantizer", None), ("--torch-dtype", "auto"),
-    ("--xy-cn", 50), ("--xy-eu", 80), ("--xy-length", 128), ("--xy-seed", 0), ("--tokenwise-cache-dir", None),
+    ("--xy-cn", None), ("--xy-eu", None), ("--xy-length", None), ("--xy-seed", None), ("--tokenwise-cache-dir", None),
 )
 
 
@@ -219,15 +219,26 @@ class HarnessSession:
         if not plain:
             raise HarnessError("--smooth-model-dir without --xy-path needs --model-dir to capture a cache from")
         opt = self.config.getoption
+        size = self.capture_size()
         try:
             return captured_xy(CacheStore(opt("--tokenwise-cache-dir")), ModelDir(plain[0].model_dir, "--model-dir"),
-                               seed=opt("--xy-seed"), cn=opt("--xy-cn"), eu=opt("--xy-eu"), length=opt("--xy-length"),
+                               seed=size["seed"], cn=size["cn"], eu=size["eu"], length=size["length"],
                                torch_dtype=opt("--torch-dtype"), device=self.device, compact=not opt("--xy-full"),
                                build=not self.is_worker, progress=progress_stream(self.config), log=log_line(self.config))
         except HarnessError as exc:  # data.py names the CLI flags; here they are --xy-cn, --xy-eu, --xy-length
             import re
 
             raise HarnessError(re.sub(r"--(cn|eu|length)\b", r"--xy-\1", str(exc))) from None
+
+    def capture_size(self) -> dict:
+        """cn / eu / length / seed of the captured cache: the --xy-* options, else thresholds.yaml's
+        capture section, else save_xy's defaults."""
+        defaults = {"cn": 50, "eu": 80, "length": 128, "seed": 0}
+        out = {}
+        for key, default in defaults.items():
+            given = self.config.getoption(f"--xy-{key}")
+            out[key] = given if given is not None else self.thresholds.capture.get(key, default)
+        return out
 
     # ------------------------------------------------------------ collection
     def collect(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -256,6 +267,8 @@ class HarnessSession:
         out = []
         for variant in self.variants:
             for target in self.cache.targets:
+                if not self.thresholds.selects(target.layer, target.block, target.proj):
+                    continue  # thresholds.yaml select: outside the gated subset
                 for cfg in self.grid:
                     case = Case(target.layer, target.block, target.proj, cfg, variant.smooth)
                     self.cases[case.case_id] = case
@@ -452,7 +465,7 @@ class HarnessSession:
         from tokenwise_harness.verdict.cases import parse_case_id
 
         case = parse_case_id(case_id)
-        if case is None or case.cfg not in self.grid:
+        if case is None or case.cfg not in self.grid or not self.thresholds.selects(case.layer, case.block, case.proj):
             return False
         keyword = self.config.getoption("keyword")
         if not keyword:

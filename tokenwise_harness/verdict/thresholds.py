@@ -6,6 +6,10 @@ format; this module is its parser and the one place its semantics live:
 - version: 1 (optional; any other value is an error, so a future format fails loudly).
 - grid: ranks / qspecs / grid_mode / act_qspecs / iters, used for whatever --ranks,
   --qspecs, ... leave unset. Parsed here, so a bad qspec names this file, not a flag.
+- capture: cn / eu / length / seed of the cache pytest captures, for whatever --xy-cn,
+  --xy-eu, --xy-length, --xy-seed leave unset.
+- select: {layer, block, proj} in the rules' match syntax: only those projections get cases
+  (a layer subset a CI budget affords); other projections are not generated at all.
 - defaults: {metric: limit}. rules: [{match: {...}, limits: {...}}], tried in order; for
   each metric the first matching rule that mentions it sets its limit (null = no limit),
   a metric no matching rule mentions falls back to defaults.
@@ -42,8 +46,10 @@ VERSION = 1
 # Every metric but the bookkeeping ones (denom, n_tokens); only sqnr_db is better when higher.
 METRICS: dict[str, str] = {m: "min" if m == "sqnr_db" else "max" for m in METRIC_KEYS if m not in ("denom", "n_tokens")}
 DERIVED = ("sqnr_db",)  # computed from nmse, never taken from the run (see gated_values)
-TOP_KEYS = ("version", "grid", "defaults", "rules", "baseline")
+TOP_KEYS = ("version", "grid", "capture", "select", "defaults", "rules", "baseline")
 GRID_KEYS = ("ranks", "qspecs", "grid_mode", "act_qspecs", "iters")
+CAPTURE_KEYS = ("cn", "eu", "length", "seed")  # save_xy's sampling: --xy-cn, --xy-eu, --xy-length, --xy-seed
+SELECT_FIELDS = ("layer", "block", "proj")
 MATCH_FIELDS = ("layer", "block", "proj", "rank", "fmt", "blk", "afmt", "ablk", "iters", "smooth")
 # Used for every metric that thresholds.yaml gives no tolerance: 5% relative, plus an atol
 # that only matters for metrics that are exactly 0 in the baseline.
@@ -97,6 +103,17 @@ class Thresholds:
     # Only the keys the file sets: ranks (list[int]), qspecs / act_qspecs (list[QSpec]),
     # grid_mode (str), iters (int). None when the file has no grid section.
     grid: dict | None = None
+    capture: dict = field(default_factory=dict)  # only the keys the file sets: cn, eu, length, seed (ints)
+    select: tuple = ()  # conditions on layer / block / proj; () = every projection
+
+    def selects(self, layer: int, block: str, proj: str) -> bool:
+        """Whether the select section keeps this projection (always, without one)."""
+        values = {"layer": layer, "block": block, "proj": proj}
+        return all(c.test(values[c.field]) for c in self.select)
+
+    @property
+    def select_text(self) -> str:
+        return ", ".join(f"{c.field} {c.text}" for c in self.select) or "every projection"
 
     def limits_for(self, case: Case) -> dict[str, Limit]:
         """metric -> Limit for this case, in METRICS order; metrics without a limit are absent."""
@@ -256,7 +273,25 @@ def parse_thresholds(doc: Any, src: str) -> Thresholds:
     _parse_baseline(doc.get("baseline"), src, th)
     if doc.get("grid") is not None:
         th.grid = _parse_grid(doc["grid"], src)
+    th.capture = _parse_capture(doc.get("capture"), src)
+    select = _mapping(doc.get("select"), src, "select")
+    for name in select:
+        if name not in SELECT_FIELDS:
+            raise HarnessError(f"{src}: select: unknown field {name!r}; known: {', '.join(SELECT_FIELDS)}")
+    th.select = tuple(_condition(name, spec, src, "select") for name, spec in select.items())
     return th
+
+
+def _parse_capture(value: Any, src: str) -> dict:
+    section = _mapping(value, src, "capture")
+    _check_keys(section, CAPTURE_KEYS, src, "capture")
+    out = {}
+    for key, v in section.items():
+        least = 0 if key == "seed" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise HarnessError(f"{src}: capture.{key} {v!r} must be an integer >= {least}")
+        out[key] = v
+    return out
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
