@@ -229,10 +229,23 @@ def test_sqnr_db_is_derived_from_nmse_not_taken_as_given():
 
 def test_nan_always_fails_even_without_limit():
     th = rules()
+    why = "is not a finite number (always fails: NaN/Inf in the quantized weight, the activations or the error)"
+    cid = "layer0-self_attn-q_proj-rank16-nvfp4-blk128"
     assert th.check(case(), {"nmse": math.nan, "token_l2_max": None, "denom": math.nan}) == [
-        "layer0-self_attn-q_proj-rank16-nvfp4-blk128: nmse = nan is not a finite number (always fails)",
-        "layer0-self_attn-q_proj-rank16-nvfp4-blk128: token_l2_max = null is not a finite number (always fails)",
+        f"{cid}: nmse = nan {why}", f"{cid}: token_l2_max = null {why}", f"{cid}: denom = nan {why}",
     ]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, None])
+@pytest.mark.parametrize("metric", ["nmse", "token_l2_mean", "token_l2_max", "token_rel_l2_mean",
+                                    "token_rel_l2_max", "sse", "denom"])
+def test_any_nonfinite_metric_fails_the_case(metric, value):
+    """An Inf fails like a NaN, limit or not (it used to pass a case without a limit on it)."""
+    metrics = {"nmse": 0.01, "token_l2_mean": 0.1, "token_l2_max": 0.2, "token_rel_l2_mean": 0.01,
+               "token_rel_l2_max": 0.02, "sse": 1.0, "denom": 100.0, "n_tokens": 8, metric: value}
+    (msg,) = rules().check(case(), metrics)
+    assert f": {metric} = " in msg and "is not a finite number (always fails" in msg
+    assert rules().check(case(), {**metrics, metric: 0.5}) == []
 
 
 def test_limited_metric_missing_from_the_run_fails():
@@ -363,9 +376,10 @@ def test_bad_files_give_one_line_naming_the_file(tmp_path, monkeypatch, text, ex
 
 
 def test_explicit_missing_file_names_the_flag(tmp_path):
-    for path in (tmp_path / "nope.yaml", tmp_path):
-        with pytest.raises(HarnessError, match=r"^--thresholds: .* does not exist or is not a file"):
-            load_thresholds(path)
+    with pytest.raises(HarnessError, match=r"^--thresholds: .* does not exist or is not a file"):
+        load_thresholds(tmp_path / "nope.yaml")
+    with pytest.raises(HarnessError, match=r"^--thresholds: .* is a directory; give a YAML file"):
+        load_thresholds(tmp_path)
 
 
 def test_path_outside_cwd_is_shown_as_given(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenwise_harness.errors import HarnessError
@@ -20,6 +20,10 @@ from tokenwise_harness.errors import HarnessError
 TMP_PREFIX = ".tmp-"
 # Errors of the output side (a full disk, a read-only mount) become one-line HarnessErrors.
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+# (what, path) pairs: `what` is the flag that gave the path ("--xy_path") or a phrase
+# ("the current directory"); a None path is skipped.
+Inputs = Iterable[tuple[str, "Path | str | None"]]
 
 
 def check_writable_dir(directory: Path, flag: str, create: bool = True) -> Path:
@@ -44,13 +48,79 @@ def check_writable_dir(directory: Path, flag: str, create: bool = True) -> Path:
     return directory
 
 
-def check_output_file(path: Path, flag: str) -> Path:
-    """Fail early (before any heavy work) when `path` cannot become an output file."""
+def check_output_file(path: Path, flag: str, inputs: Inputs = (), stores: Inputs = ()) -> Path:
+    """Fail early (before any heavy work) when `path` cannot become an output file.
+
+    `inputs` / `stores`: see check_not_input (an output never lands on the run's inputs).
+    """
     path = Path(path)
+    check_not_input(path, flag, inputs, stores)
     check_writable_dir(path.parent, flag, create=True)
     if path.is_dir():
         raise HarnessError(f"{flag}: {path} is a directory; give a file path")
     return path
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(real: Path) -> Iterator[Path]:
+    """`real` and each existing directory above it."""
+    yield real
+    yield from real.parents
+
+
+def check_not_input(out: Path | str, flag: str, inputs: Inputs = (), stores: Inputs = (), keep: Inputs = ()) -> Path:
+    """Refuse an output path that would overwrite, replace or land inside an input of the run.
+
+    The one check every output path goes through (given the run's inputs), before any work:
+    `out` may not be an input file, lie inside an input directory (a model dir: each file in
+    it is the model), contain an input (a directory output that is created or replaced), sit
+    where an input's name would be taken for one of out's temp leftovers (`.tmp-<name>.*`,
+    deleted by the next run's cleanup), or lie inside a baseline store (`stores`). Paths are
+    compared resolved (symlinks) and by (st_dev, st_ino) of the file and of every directory
+    above it (hard links, bind mounts). `keep`: directories out may not be or contain, though
+    it may lie inside them (the current directory of a command that replaces its output dir).
+    Returns `out`.
+    """
+    out = Path(out)
+    real = Path(os.path.realpath(out))
+    out_ids = {i for i in map(_identity, _ancestors(real)) if i is not None}
+    for what, given in keep:
+        k_real = Path(os.path.realpath(given))
+        if real == k_real or real in k_real.parents:
+            relation = "is" if real == k_real else "contains"
+            raise HarnessError(f"{flag} {out} {relation} {what} ({given}), which the output would replace; "
+                               "pick another path")
+    for kind, group in (("input", inputs), ("store", stores)):
+        for what, given in group:
+            if given is None or str(given) == "":
+                continue
+            p = Path(given)
+            p_real = Path(os.path.realpath(p))
+            p_id = _identity(p_real)
+            name = f"the input {what} {p}" if what.startswith("-") else f"{what} ({p})"
+            if kind == "store":
+                name = f"the baseline store {what} {p}"
+            if real == p_real or (p_id is not None and p_id == _identity(real)):
+                if kind == "store":
+                    raise HarnessError(f"{flag} {out} is {name}; pick an output path outside it")
+                raise HarnessError(f"{flag} {out} is {name}; writing there would destroy it: pick another path")
+            if p_real in real.parents or (p_id is not None and p_real.is_dir() and p_id in out_ids):
+                raise HarnessError(f"{flag} {out} lies inside {name}; pick an output path outside it")
+            if real in p_real.parents and p_real.exists():
+                raise HarnessError(f"{flag} {out} contains {name}, which the output would replace; "
+                                   "pick another path")
+            if (kind == "input" and p_real.parent == real.parent
+                    and p_real.name.startswith(f"{TMP_PREFIX}{real.name}.")):
+                raise HarnessError(f"{flag} {out}: {name} has the name of one of its temp files, which "
+                                   "cleanup would delete; rename it or pick another output path")
+    return out
 
 
 def tmp_prefix(final: Path) -> str:

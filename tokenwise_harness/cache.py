@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -128,6 +129,28 @@ def _raw_bytes(t):
     return t.contiguous().view(-1).view(torch_uint8()).numpy()
 
 
+def _entry_problem(info) -> str | None:
+    """Why a safetensors header entry is unusable (None: it is fine): wrong types, a byte range
+    that is not [begin, end] or does not match the shape of a float tensor."""
+    if not isinstance(info, dict):
+        return "not an object"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        return "dtype is not a string"
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        return "shape is not a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        return "data_offsets is not [begin, end]"
+    if dtype in _ITEMSIZE and offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:
+        return f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}"
+    return None
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 # safetensors and torch spellings of the float dtypes a cache may hold.
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "torch.float16", "torch.bfloat16", "torch.float32", "torch.float64"}
 
@@ -164,6 +187,9 @@ class XYCache:
         if not self.entries:
             raise HarnessError(f"{flag} {self.path} holds no allowlisted `<module>.X` tensors; is it a save_xy cache?")
         self.n_tokens = self._check_rows()
+        if self.n_tokens == 0:
+            raise HarnessError(f"{flag} {self.path} holds 0 tokens: there is nothing to score; re-capture it with "
+                               "`tokenwise-precision save_xy` (--cn/--eu/--length > 0)")
         self._check_dtypes()
         self.checksums  # noqa: B018  (a malformed checksums field fails here, not mid-run)
 
@@ -181,6 +207,9 @@ class XYCache:
                 header = json.loads(fh.read(hlen))
                 if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
                     raise ValueError("the header is not a JSON object of tensors")
+        except RecursionError:
+            raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file (its header nests too "
+                               "deeply); re-create it with `tokenwise-precision save_xy`") from None
         except (OSError, ValueError) as exc:
             raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file ({exc}); "
                                "re-create it with `tokenwise-precision save_xy`") from None
@@ -189,12 +218,13 @@ class XYCache:
         self.offsets: dict[str, int] = {}  # tensor name -> absolute file offset of its first byte
         end = 0
         for key, info in header.items():
-            try:
-                self.shapes[key] = (info["dtype"], tuple(info["shape"]))
-                self.offsets[key] = 8 + hlen + int(info["data_offsets"][0])
-                end = max(end, info["data_offsets"][1])
-            except (KeyError, TypeError, IndexError):
-                raise HarnessError(f"{self.flag} {self.path}: tensor {key!r} has a malformed header entry") from None
+            problem = _entry_problem(info)
+            if problem:
+                raise HarnessError(f"{self.flag} {self.path}: tensor {key!r} has a malformed header entry "
+                                   f"({problem}); re-create it with `tokenwise-precision save_xy`")
+            self.shapes[key] = (info["dtype"], tuple(info["shape"]))
+            self.offsets[key] = 8 + hlen + info["data_offsets"][0]
+            end = max(end, info["data_offsets"][1])
         if 8 + hlen + end > size:
             raise HarnessError(f"{self.flag} {self.path} is truncated ({size} bytes, header promises "
                                f"{8 + hlen + end}); re-create it with `tokenwise-precision save_xy`")
@@ -210,7 +240,11 @@ class XYCache:
                                "re-create it with `tokenwise-precision save_xy`") from None
         if not isinstance(obj, dict):
             raise HarnessError(f"{self.flag} {self.path} is not a save_xy .pt cache (not a dict)")
-        self.metadata = {str(k): str(v) for k, v in (obj.pop("__metadata__", None) or {}).items()}
+        meta = obj.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise HarnessError(f"{self.flag} {self.path}: __metadata__ is a {type(meta).__name__}, not a mapping of "
+                               "strings; re-create it with `tokenwise-precision save_xy`")
+        self.metadata = {str(k): str(v) for k, v in meta.items()}
         self._pt = {k: v for k, v in obj.items() if hasattr(v, "shape")}
         self.shapes = {k: (str(v.dtype), tuple(v.shape)) for k, v in self._pt.items()}
 
@@ -226,8 +260,10 @@ class XYCache:
             aliases = json.loads(self.metadata.get("x_aliases", "{}"))
         except ValueError:
             raise HarnessError(f"{self.flag} {self.path}: metadata x_aliases is not JSON; re-create the cache") from None
-        if not isinstance(aliases, dict):
-            raise HarnessError(f"{self.flag} {self.path}: metadata x_aliases is not a JSON object; re-create the cache")
+        if not isinstance(aliases, dict) or not all(
+                isinstance(k, str) and k.endswith(".X") and isinstance(v, str) for k, v in aliases.items()):
+            raise HarnessError(f"{self.flag} {self.path}: metadata x_aliases is not a JSON object of `.X` key -> "
+                               "stored key names; re-create the cache")
         for alias, stored in aliases.items():
             if stored not in self.shapes:
                 raise HarnessError(f"{self.flag} {self.path}: {alias} points at missing tensor {stored}; "
@@ -369,8 +405,11 @@ class XYCache:
         reusable buffer (pinned on CUDA, copied to the device asynchronously) by background
         threads, one per key, while the caller computes on the previous chunk; with `verify`
         the same threads hash the bytes in order. Host memory stays at two chunks per key,
-        and no file pages are mapped into the process. A None key yields None.
+        and no file pages are mapped into the process. A None key yields None. `chunk_tokens`
+        beyond the cache's token count is clamped to it (a huge --chunk_tokens allocates no more
+        than the cache holds).
         """
+        chunk_tokens = max(1, min(int(chunk_tokens), self.n_tokens))
         if self._pt is not None or not all(k is None or k in self.offsets for k in keys):
             for start in range(0, self.n_tokens, chunk_tokens):
                 end = min(start + chunk_tokens, self.n_tokens)

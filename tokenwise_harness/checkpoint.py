@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+SMOOTH_META_FILE = "tokenwise_smooth.json"  # written by calib.smooth into a smoothed model dir
 # config.json fields that change without changing the model's function.
 VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
 # What transformers' from_pretrained loads, in its order of preference: a single file, or an
@@ -66,14 +67,19 @@ class ModelDir:
         if not self.weight_files:
             raise HarnessError(f"{flag} {self.path} has no weight files (model.safetensors, "
                                "model.safetensors.index.json or pytorch_model.bin)")
+        self.config  # noqa: B018  (a config.json that is not an object fails here, in one line)
         self.safetensors_index  # noqa: B018  (a corrupt shard fails here in one line, naming the file)
 
     @cached_property
     def config(self) -> dict:
         try:
-            return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            config = json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
             raise HarnessError(f"{self.flag}: {self.path / 'config.json'} is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise HarnessError(f"{self.flag}: {self.path / 'config.json'} is a JSON {type(config).__name__}, not an "
+                               "object; restore the model's config.json")
+        return config
 
     @cached_property
     def weight_files(self) -> list[Path]:
@@ -143,6 +149,14 @@ class ModelDir:
                     for key in fh.keys():
                         if named is None or named.get(key) == shard.name:
                             index[key] = shard
+                            if key.endswith(".weight") and parse_target(key[: -len(".weight")]) is not None:
+                                shape = tuple(fh.get_slice(key).get_shape())
+                                if len(shape) != 2:
+                                    raise HarnessError(f"{self.flag} {self.path}: {key} in {shard.name} has shape "
+                                                       f"{shape}, not the 2-D [out, in] of a linear weight; re-save "
+                                                       "the model")
+            except HarnessError:
+                raise
             except Exception as exc:  # safetensors raises its own error types
                 raise HarnessError(f"{self.flag}: weight file {shard} is unreadable ({exc}); re-save the model") from None
         if named is not None:
@@ -159,6 +173,12 @@ class ModelDir:
         if shard is None:
             return None
         return f"{_file_sha256(shard).hex()}:{name}"
+
+    @cached_property
+    def smoothed(self) -> bool:
+        """Whether this is a smoothed model dir (`tokenwise-precision smooth`): W*s in the shards."""
+        index = self.safetensors_index or {}
+        return (self.path / SMOOTH_META_FILE).is_file() or any(k.endswith(".smooth_factor") for k in index)
 
     def targets(self) -> list[Target]:
         """Allowlisted projections whose weights the shards hold, in forward order."""
@@ -214,7 +234,7 @@ def load_model(model_dir: ModelDir, torch_dtype: str | None = "auto", device_map
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir.path), **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: a weight of the wrong shape
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(f"{model_dir.flag} {model_dir.path}: cannot load the model ({first})") from None
     return model.eval()

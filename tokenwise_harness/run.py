@@ -131,6 +131,13 @@ class EvalSpec:
 def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
     """A cache must come from this model (or, for a smoothed dir, from the model it was made from)."""
     fingerprint = mdir.fingerprint
+    if not smooth and mdir.smoothed:
+        raise HarnessError(f"{mdir.flag} {mdir.path} is a smoothed model dir (W*s in its weights): scoring it as a "
+                           f"plain model ignores the smoothing; give it as --smooth_model_dir (eval_smooth; pytest: "
+                           f"--smooth-model-dir={mdir.path})")
+    if smooth and not cache.metadata.get("model_fingerprint"):
+        raise HarnessError(f"{cache.flag} {cache.path} has no model_fingerprint, so it cannot be matched with the "
+                           f"model {mdir.flag} {mdir.path} was smoothed from; re-capture it with save_xy")
     if smooth and (mdir.path / SMOOTH_META_FILE).is_file():
         fingerprint = _read_smooth_meta(mdir).get("source_model_fingerprint", fingerprint)
     hint = f"tokenwise-precision save_xy --model_dir <the model> --save_path {cache.path.parent} " \
@@ -263,9 +270,26 @@ def run_eval(spec: EvalSpec, progress: bool = True, log: Callable[[str], None] =
     ev = Evaluation(spec)
     started = time.perf_counter()
     results = ev.score(progress=progress)
+    require_finite(results, spec)
     log(f"eval: {plural(len(results), 'projection')} x {plural(len(ev.grid), 'config')} in {time.perf_counter() - started:.1f} s "
         f"({ev.engine}; {_reuse_line()})")
     return report.build_report(ev.meta(), results)
+
+
+def require_finite(results: Results, spec: EvalSpec) -> None:
+    """The CLI's verdict on non-finite metrics: an error naming the first one, no report (pytest
+    fails the case instead: verdict.thresholds.Thresholds.check, from the same nonfinite_metrics)."""
+    from tokenwise_harness.verdict.thresholds import NONFINITE_WHY, nonfinite_metrics
+
+    source = next((spec.flag(name) for name in ("quantizer", "weight_quantizer") if getattr(spec, name)),
+                  spec.model_flag)
+    for (layer, block, proj), by_cfg in sorted(results.items()):
+        for cfg, metrics in by_cfg.items():
+            bad = nonfinite_metrics(metrics)
+            if bad:
+                metric, shown = next(iter(bad.items()))
+                raise HarnessError(f"model.layers.{layer}.{block}.{proj} {cfg}: {metric} = {shown} is not a finite "
+                                   f"number ({NONFINITE_WHY}); no report written: check {source}")
 
 
 def _reuse_line() -> str:

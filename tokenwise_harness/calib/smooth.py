@@ -30,16 +30,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenwise_harness.allowlist import Target
-from tokenwise_harness.atomic import atomic_dir, check_writable_dir, clear_leftovers
+from tokenwise_harness.atomic import atomic_dir, check_not_input, check_writable_dir, clear_leftovers
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.checkpoint import ModelDir, load_model
+from tokenwise_harness.checkpoint import SMOOTH_META_FILE, ModelDir, load_model
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.numerics.smoothing import ALPHA_GRID, smooth_factor
 
 if TYPE_CHECKING:
     import torch
 
-SMOOTH_META_FILE = "tokenwise_smooth.json"
 FORMULA = "s_j = max|X_j|^alpha / max|W_j|^(1-alpha); W' = W*s (input dim), X' = X/s"
 FORMULA_SEARCH = ("s_j = max|X_j|^a / max|W_j|^b, (a, b) per input group minimising the output error of "
                   "{key} on the cache over a in 0.05..0.95, b in {{1-a, 0}}, and s = 1 (a = b = 0); "
@@ -153,6 +152,7 @@ def smooth(model_dir: str | Path, xy_path: str | Path, out_dir: str | Path, alph
     if chunk_tokens <= 0:
         raise HarnessError(f"--chunk_tokens {chunk_tokens} must be a positive token count")
     out_dir = Path(out_dir)
+    check_not_input(out_dir, "--out_dir", inputs=[("--model_dir", model_dir), ("--xy_path", xy_path)])
     check_writable_dir(out_dir.parent, "--out_dir")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise HarnessError(f"--out_dir {out_dir} exists and is not an empty directory; pick a new directory")

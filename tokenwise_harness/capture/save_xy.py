@@ -15,7 +15,13 @@ from pathlib import Path
 
 from tokenwise_harness import __version__
 from tokenwise_harness.allowlist import iter_allowed_linears
-from tokenwise_harness.atomic import atomic_path, check_output_file, check_writable_dir, clear_leftovers
+from tokenwise_harness.atomic import (
+    atomic_path,
+    check_not_input,
+    check_output_file,
+    check_writable_dir,
+    clear_leftovers,
+)
 from tokenwise_harness.cache import FORMAT_VERSION, StreamingSafetensorsWriter, have_safetensors
 from tokenwise_harness.checkpoint import ModelDir, load_model, load_tokenizer, resolve_torch_dtype
 from tokenwise_harness.device import pick_device
@@ -57,7 +63,10 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     if batch_size <= 0:
         raise HarnessError(f"--batch_size {batch_size} must be positive")
     mdir = ModelDir(model_dir)
-    final = check_output_file(cache_path(check_writable_dir(Path(save_path), "--save_path"), label), "--label")
+    final = cache_path(Path(save_path), label)
+    check_not_input(final, "--save_path/--label", inputs=[("--model_dir", mdir.path)])
+    final = check_output_file(cache_path(check_writable_dir(Path(save_path), "--save_path"), label),
+                              "--save_path/--label")
     if clear_leftovers(final):
         log("save_xy: removed temp files of an interrupted earlier run; starting clean")
 

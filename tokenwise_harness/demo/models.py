@@ -38,7 +38,7 @@ import functools
 import json
 from pathlib import Path
 
-from tokenwise_harness.atomic import atomic_dir, check_writable_dir
+from tokenwise_harness.atomic import atomic_dir, check_not_input, check_writable_dir
 from tokenwise_harness.errors import HarnessError
 
 FAMILIES = ("qwen3", "llama", "qwen2")
@@ -346,6 +346,7 @@ def make_demo_model(family: str, out_dir, seed: int = 0, overwrite: bool = False
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    check_not_input(out_dir, "--out", keep=[("the current directory", Path.cwd())])
     check_writable_dir(out_dir.parent, "--out", create=True)
     if out_dir.exists() and not out_dir.is_dir():
         raise HarnessError(f"--out: {out_dir} exists and is not a directory; choose another path")

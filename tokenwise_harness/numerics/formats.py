@@ -374,7 +374,10 @@ def quantize_blocks(
         raise ValueError(f"{name}: cannot quantize an empty tensor of shape {tuple(w.shape)}")
     x = w.detach().to(torch.float32)
     cols = x.shape[1]
-    block = cols if blk == "in" else blk
+    # A block wider than the row is one block per row (the padding copies the row's last
+    # element, so every block statistic is that of the row): the same numbers as `in`, and a
+    # block size like 4000000 allocates nothing beyond the row.
+    block = cols if blk == "in" else min(blk, cols)
     return _RECIPES[fmt](_to_blocks(x, block), cols, global_amax=global_amax)
 
 

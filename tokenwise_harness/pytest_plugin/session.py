@@ -101,11 +101,7 @@ class HarnessSession:
         opt = config.getoption
         self.is_worker = xdist.is_worker(config)
         self.rootdir = Path(config.rootpath)
-        thresholds_path = opt("--thresholds")
-        default_thresholds = self.rootdir / "thresholds.yaml"
-        if thresholds_path is None and default_thresholds.is_file():
-            thresholds_path = default_thresholds
-        self.thresholds = load_thresholds(Path(thresholds_path) if thresholds_path else None)
+        self.thresholds = load_thresholds(opt("--thresholds"), default=self.rootdir / "thresholds.yaml")
         grid_cfg = self.thresholds.grid or {}  # already parsed: ranks list[int], qspecs list[QSpec]
         iters = opt("--lowrank-iters")
         # Every option the scoring uses, in pytest's spelling; EvalSpec.validate checks them (run.py).
@@ -130,14 +126,21 @@ class HarnessSession:
         self.update = opt("--update-baselines")
         self.update_new = opt("--update-baselines-new")
         self.report_path = opt("--tokenwise-report")
+        self.baselines_root = Path(opt("--baselines-dir") or self.rootdir / "baselines")
         if self.report_path:
             # Relative to where pytest was invoked (as --junitxml); the directory is created
             # at session end, so only check now that the nearest existing ancestor is writable.
             self.report_path = Path(config.invocation_params.dir, self.report_path)
+            from tokenwise_harness.atomic import check_not_input
+
+            check_not_input(self.report_path, "--tokenwise-report", inputs=[
+                *((v.flag, v.model_dir) for v in self.variants), ("--xy-path", self.xy_path),
+                ("--thresholds", self.thresholds.source_path),
+                ("--tokenwise-cache-dir", opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")],
+                stores=[("--baselines-dir", self.baselines_root)])
             if self.report_path.is_dir():
                 raise HarnessError(f"--tokenwise-report {self.report_path} is a directory; give a file path")
             _check_creatable(self.report_path.parent, "--tokenwise-report")
-        self.baselines_root = Path(opt("--baselines-dir") or self.rootdir / "baselines")
         if self.update or self.update_new:  # fail now, not after every case has run
             from tokenwise_harness.atomic import check_writable_dir
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwise_harness.allowlist import PROJ_ORDER
-from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
+from tokenwise_harness.atomic import check_not_input, check_writable_dir, write_text_atomic
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.report.document import BLOCK_ORDER, iter_agg, iter_metrics, load_report, report_configs
 
@@ -40,6 +40,7 @@ RANK2_COLUMNS = (
     "token_rel_l2_max", "token_l2_max", "n_tokens",
 )
 RANK1_ORDERS = ("nmse_mean_over_proj", "nmse_max_over_proj")
+OUTPUT_NAMES = ("ranking1.csv", "ranking1.md", "ranking2.csv", "ranking2.md", "heatmap.png", "report.html")
 
 
 def analyze(report_path: str | Path, out_dir: str | Path, flag: str = "--report", html: bool = False,
@@ -50,6 +51,8 @@ def analyze(report_path: str | Path, out_dir: str | Path, flag: str = "--report"
     report = load_report(report_path, flag)
     if not any(True for _ in iter_metrics(report)):
         raise HarnessError(f"{flag}: {report_path} has no projections under by_layer; nothing to analyze")
+    for name in OUTPUT_NAMES:  # before anything is written: no output lands on the report it reads
+        check_not_input(Path(out_dir) / name, "--out_dir", inputs=[(flag, report_path)])
     out_dir = check_writable_dir(Path(out_dir), "--out_dir", create=True)
     title = _source_line(report, report_path)
     rank1, rank2 = ranking1(report), ranking2(report)

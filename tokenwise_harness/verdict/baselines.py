@@ -37,6 +37,7 @@ never touch the same file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -49,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from tokenwise_harness.atomic import check_writable_dir, write_text_atomic
+from tokenwise_harness.atomic import TMP_PREFIX, check_writable_dir, clear_leftovers, write_text_atomic
 from tokenwise_harness.errors import HarnessError
 
 # report.py's canonical-JSON helpers: the same one-line-per-leaf text and key order as the report.
@@ -78,6 +79,8 @@ HARD_KEYS = {
 VOLATILE_KEYS = ("git_commit",)
 REF_KEY = "provenance"  # inside a case entry: its provenance ref
 DEFAULT_HINT = "pytest --update-baselines"
+LOCK_FILE = ".lock"  # in <root>/<model id>/: held for every read-modify-write of the store
+LOCK_TIMEOUT_S = 600
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _CASE_LAYER = re.compile(r"^layer(\d+)-")
@@ -514,6 +517,42 @@ class BaselineStore:
         provenance = _plain_provenance(provenance)
         summary = UpdateSummary()
         deleted, pending = _by_layer(self._deleted - set(self._pending)), _by_layer(self._pending)
+        if deleted or pending:
+            with self._locked():
+                self._flush_locked(deleted, pending, provenance, new_only, summary)
+        self._pending.clear()
+        self._deleted.clear()
+        return summary
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Hold the store's lock (a real file lock: released by the OS if the holder dies).
+
+        Another run updating the same store waits here; inside, the layer files are read
+        afresh, so its updates are merged, never overwritten. Temp files of runs that died
+        mid-write (SIGKILL) are removed; readers never look at them (only layer<N>.json).
+        """
+        from filelock import FileLock, Timeout
+
+        check_writable_dir(self.dir, "--baselines-dir", create=True)
+        lock = FileLock(str(self.dir / LOCK_FILE), timeout=LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise HarnessError(f"--baselines-dir: {display_path(self.dir)} stayed locked by another "
+                               f"--update-baselines run for {LOCK_TIMEOUT_S} s; retry when it is done") from None
+        try:
+            for tmp in self.dir.glob(f"{TMP_PREFIX}layer*.json.*"):
+                m = re.match(rf"^{re.escape(TMP_PREFIX)}(layer\d+\.json)\.", tmp.name)
+                if m:
+                    clear_leftovers(self.dir / m[1])
+            self._files.clear()  # re-read under the lock: another run may have written since
+            self._replaced.clear()
+            yield
+        finally:
+            lock.release()
+
+    def _flush_locked(self, deleted, pending, provenance, new_only, summary) -> None:
         for layer in sorted(deleted.keys() | pending.keys()):
             f = self._file(layer)
             dirty = layer in self._replaced
@@ -528,9 +567,6 @@ class BaselineStore:
                 dirty = dirty or kind in ("added", "changed", "refreshed")
             if dirty:
                 self._write(layer, f, summary)
-        self._pending.clear()
-        self._deleted.clear()
-        return summary
 
     def _merge(
         self, f: _LayerFile, case_id: str, metrics: dict, provenance: dict, new_only: bool, summary: UpdateSummary

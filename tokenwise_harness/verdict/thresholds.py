@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class Thresholds:
     @property
     def select_text(self) -> str:
         return ", ".join(f"{c.field} {c.text}" for c in self.select) or "every projection"
+    source_path: Path | None = None  # the file read (None: built-in defaults, or a parsed doc)
 
     def limits_for(self, case: Case) -> dict[str, Limit]:
         """metric -> Limit for this case, in METRICS order; metrics without a limit are absent."""
@@ -155,14 +157,13 @@ class Thresholds:
         cid = case.case_id
         values, derived = gated_values(metrics)
         limits = self.limits_for(case)
-        failures = []
+        bad = nonfinite_metrics(metrics)
+        failures = [f"{cid}: {metric} = {shown} is not a finite number (always fails: {NONFINITE_WHY})" for metric, shown in bad.items()]
         for metric in METRICS:
             value = values.get(metric)
             limit = limits.get(metric)
-            if value is not None and math.isnan(value):
-                if metric not in derived:  # a NaN sqnr_db repeats nmse's failure
-                    shown = "null" if metrics.get(metric) is None else "nan"
-                    failures.append(f"{cid}: {metric} = {shown} is not a finite number (always fails)")
+            if metric in bad or (metric in derived and "nmse" in bad):
+                continue  # said once above (a derived sqnr_db follows from nmse)
             elif limit is None:
                 continue
             elif value is None:
@@ -174,6 +175,27 @@ class Thresholds:
                 shown, bound = format_pair(value, limit.value)
                 failures.append(f"{cid}: {metric} = {shown} {sign} limit {bound} ({self.source} {limit.rule})")
         return failures
+
+
+# Every reported metric except sqnr_db (+inf for an exact result, derived from nmse) and the
+# n_tokens count must be a finite number; a NaN or Inf anywhere fails the case (the CLI: an
+# error). None is how reports and baselines write a non-finite value.
+FINITE_METRICS = ("nmse", "token_l2_mean", "token_l2_max", "token_rel_l2_mean", "token_rel_l2_max", "sse", "denom")
+NONFINITE_WHY = "NaN/Inf in the quantized weight, the activations or the error"
+
+
+def nonfinite_metrics(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """{metric: value as shown} of the FINITE_METRICS in `metrics` that are NaN, +-inf or null."""
+    bad = {}
+    for metric in FINITE_METRICS:
+        if metric not in metrics:
+            continue
+        value = metrics[metric]
+        if value is None:
+            bad[metric] = "null"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad[metric] = repr(value) if not isinstance(value, float) else str(value)
+    return bad
 
 
 def gated_values(metrics: Mapping[str, Any]) -> tuple[dict[str, float], set[str]]:
@@ -233,28 +255,61 @@ def _word(value: Any) -> str:
 # ---------------------------------------------------------------- loading
 
 
-def load_thresholds(path: Path | str | None, *, explicit: bool = True) -> Thresholds:
+# Bounds on a thresholds file: a real one is a few KiB, a few levels deep, with a handful of
+# aliases. A YAML alias bomb (billion laughs) stays small as a document but expands
+# exponentially when printed or walked; deep nesting overflows the recursive composer.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 100_000  # nodes of the document with every alias expanded
+
+
+def load_thresholds(path: Path | str | None, *, explicit: bool = True, default: Path | str | None = None
+                    ) -> Thresholds:
     """Parse a thresholds file; built-in defaults (no limits) when there is none.
 
-    path None -> built-in defaults. A missing file is an error when the user named it
-    (explicit=True, i.e. --thresholds), and built-in defaults when it is only the default
-    location (explicit=False: thresholds.yaml at the rootdir).
+    path None -> `default` (the default location, thresholds.yaml at the rootdir), or built-in
+    defaults when there is no default either. A named file (explicit=True, i.e. --thresholds)
+    must be a readable YAML file; an empty name (`--thresholds=`) is an error. The default
+    location may be absent (built-in defaults), but anything there that is not a readable
+    file -- a directory, a dangling symlink -- is an error: it never turns the gate off.
     """
+    if path is None and default is not None:
+        path, explicit = default, False
     if path is None:
         return Thresholds()
+    if not str(path).strip():
+        raise HarnessError("--thresholds= is empty; give a YAML file as --thresholds=PATH, or leave the option out")
     path = Path(path)
+    what = "--thresholds:" if explicit else "thresholds.yaml at the rootdir:"
+    if not explicit and not path.exists() and not path.is_symlink():
+        return Thresholds()
+    if path.is_symlink() and not path.exists():
+        raise HarnessError(f"{what} {path} is a dangling symlink (to {os.readlink(path)}); "
+                           "fix the link or remove it")
+    if path.is_dir():
+        raise HarnessError(f"{what} {path} is a directory; give a YAML file")
     if not path.is_file():
-        if not explicit and not path.exists():
-            return Thresholds()
-        raise HarnessError(f"--thresholds: {path} does not exist or is not a file; give an existing YAML file")
+        raise HarnessError(f"{what} {path} does not exist or is not a file; give an existing YAML file")
     src = display_path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise HarnessError(f"{src}: {size} bytes is too large for a thresholds file "
+                               f"(at most {MAX_FILE_BYTES >> 20} MiB); is it the right file?")
         doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise HarnessError(f"{src}: not valid YAML: {_yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise HarnessError(f"--thresholds: cannot read {path}: {exc}") from None
-    return parse_thresholds(doc, src)
+        raise HarnessError(f"{what} cannot read {path}: {_one_line(exc)}") from None
+    except (RecursionError, MemoryError):  # a backstop: the loader's bounds should come first
+        raise HarnessError(f"{src}: too deeply nested or too large to load; simplify the file") from None
+    th = parse_thresholds(doc, src)
+    th.source_path = path
+    return th
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def parse_thresholds(doc: Any, src: str) -> Thresholds:
@@ -295,16 +350,76 @@ def _parse_capture(value: Any, src: str) -> dict:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys: PyYAML would silently keep the last one."""
+    """SafeLoader that rejects duplicate keys (PyYAML would silently keep the last one),
+    unhashable keys, nesting deeper than MAX_DEPTH and documents that expand (aliases
+    followed) to more than MAX_NODES nodes."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node)
+        return node
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, not a {type(key).__name__}", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def _expanded_size(root) -> None:
+    """YAMLError unless the node graph, every alias expanded, is acyclic, at most MAX_DEPTH deep
+    and at most MAX_NODES nodes (memoized: linear in the document, whatever the aliases)."""
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded nodes, expanded depth)
+    stack = [(root, False)]
+    active: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if key in sizes:
+            continue
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if not done:
+            if key in active:
+                raise yaml.composer.ComposerError(None, None, "an alias refers to the node that contains it",
+                                                  node.start_mark)
+            active.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+            continue
+        active.discard(key)
+        count = 1 + sum(sizes[id(c)][0] for c in children)
+        depth = 1 + max((sizes[id(c)][1] for c in children), default=0)
+        if count > MAX_NODES or depth > MAX_DEPTH:
+            what = f"more than {MAX_NODES} nodes" if count > MAX_NODES else f"deeper than {MAX_DEPTH} levels"
+            raise yaml.composer.ComposerError(None, None, f"aliases expand the document to {what}",
+                                              node.start_mark)
+        sizes[key] = (count, depth)
 
 
 _UniqueKeyLoader.add_constructor(
