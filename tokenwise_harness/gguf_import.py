@@ -29,6 +29,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def import_gguf(gguf: str | Path | None, out: str | Path, overwrite: bool = Fals
         if fh.read(4) != b"GGUF":
             raise HarnessError(f"{flag} {gguf} is not a GGUF file (no GGUF magic); point it at a .gguf file")
     check_gguf_support()
+    check_gguf_file(gguf, flag)
     out = Path(out)
     check_not_input(out, "--out", inputs=[("--gguf", gguf)], keep=[("the current directory", Path.cwd())])
     record = source_record(gguf)
@@ -133,6 +135,23 @@ def import_gguf(gguf: str | Path | None, out: str | Path, overwrite: bool = Fals
     return out
 
 
+def check_gguf_file(gguf: Path, flag: str = "--gguf") -> None:
+    """HarnessError unless the GGUF's header and tensor table parse and its tensors lie inside
+    the file: a truncated or garbled file is named here, not by a struct/numpy traceback."""
+    from gguf import GGUFReader
+
+    size = gguf.stat().st_size
+    try:
+        reader = GGUFReader(str(gguf))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError, KeyError, OSError, EOFError, struct.error):
+        raise HarnessError(f"{flag} {gguf} is truncated or corrupt ({size} bytes; its header or tensor table does "
+                           "not parse); copy the file again") from None
+    if not reader.tensors or end > size:
+        raise HarnessError(f"{flag} {gguf} is truncated or corrupt ({size} bytes, its tensors need {end}); "
+                           "copy the file again")
+
+
 def _convert(gguf: Path, dest: Path) -> int:
     """Load the GGUF with transformers, re-home its weights in a plain model, save it to `dest`."""
     import torch
@@ -150,7 +169,7 @@ def _convert(gguf: Path, dest: Path) -> int:
     except ImportError as exc:
         raise HarnessError(f"--gguf {gguf}: transformers cannot read GGUF here ({_first_line(exc)}); "
                            f"`{INSTALL_HINT}`") from None
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, IndexError, struct.error) as exc:
         raise HarnessError(f"--gguf {gguf}: transformers cannot load it ({_first_line(exc)})") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):

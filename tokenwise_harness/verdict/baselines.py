@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import re
 import subprocess
 from collections import defaultdict
@@ -79,7 +80,6 @@ HARD_KEYS = {
 VOLATILE_KEYS = ("git_commit",)
 REF_KEY = "provenance"  # inside a case entry: its provenance ref
 DEFAULT_HINT = "pytest --update-baselines"
-LOCK_FILE = ".lock"  # in <root>/<model id>/: held for every read-modify-write of the store
 LOCK_TIMEOUT_S = 600
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -531,11 +531,18 @@ class BaselineStore:
         Another run updating the same store waits here; inside, the layer files are read
         afresh, so its updates are merged, never overwritten. Temp files of runs that died
         mid-write (SIGKILL) are removed; readers never look at them (only layer<N>.json).
+        The lock file lives in the system temp dir, named by the store directory's
+        (st_dev, st_ino): the same store reached by any path shares it, and the store (kept
+        in git) gains no lock file.
         """
+        import tempfile
+
         from filelock import FileLock, Timeout
 
         check_writable_dir(self.dir, "--baselines-dir", create=True)
-        lock = FileLock(str(self.dir / LOCK_FILE), timeout=LOCK_TIMEOUT_S)
+        st = self.dir.stat()
+        name = f"tokenwise-baselines-{st.st_dev:x}-{st.st_ino:x}.lock"
+        lock = FileLock(os.path.join(tempfile.gettempdir(), name), timeout=LOCK_TIMEOUT_S, mode=0o666)
         try:
             lock.acquire()
         except Timeout:
