@@ -27,3 +27,19 @@ def broken_fake_op(model, svdq_cfg):
     with torch.no_grad():
         for _, mod in iter_allowed_linears(model):
             mod.weight.mul_(1.05)
+
+
+def nan_fake_op(model, svdq_cfg):
+    """A broken kernel: the right quantization, then one NaN in every weight."""
+    reference_fake_op(model, svdq_cfg)
+    with torch.no_grad():
+        for _, mod in iter_allowed_linears(model):
+            mod.weight[0, 0] = float("nan")
+
+
+def inf_fake_op(model, svdq_cfg):
+    """A broken kernel: the right quantization, then one +inf in every weight."""
+    reference_fake_op(model, svdq_cfg)
+    with torch.no_grad():
+        for _, mod in iter_allowed_linears(model):
+            mod.weight[0, 0] = float("inf")

@@ -205,6 +205,78 @@ def bad_pickle(t: Path) -> Path:
     return path
 
 
+def symlink(name: str, target: Callable[[World, Path], Path]):
+    """A path `name` in the tmp dir that is a symlink to target(w, t)."""
+    def make(w, t):
+        (t / name).symlink_to(target(w, t))
+        return t / name
+    return make
+
+
+def hardlink(name: str, target: Callable[[World, Path], Path]):
+    """A path `name` in the tmp dir that is a hard link to target(w, t)."""
+    def make(w, t):
+        os.link(target(w, t), t / name)
+        return t / name
+    return make
+
+
+def model_in_t(w: World, t: Path, name: str = "model") -> Path:
+    """A copy of the model in the tmp dir (made once per case)."""
+    return t / name if (t / name).is_dir() else copy(w.model, t, name)
+
+
+def cache_in_t(w: World, t: Path) -> Path:
+    return t / w.cache.name if (t / w.cache.name).is_file() else copy(w.cache, t)
+
+
+def zero_tokens(tensors, meta):
+    for k in list(tensors):
+        tensors[k] = tensors[k][:0].contiguous()
+
+
+def pt_cache(meta_value, rows: int | None = None):
+    """The cache as a .pt file with this __metadata__ (and only the first `rows` tokens)."""
+    def make(w, t):
+        with safe_open(str(w.cache), "pt") as f:
+            tensors = {k: f.get_tensor(k)[:rows].clone() for k in f.keys()}
+        torch.save({"__metadata__": meta_value, **tensors}, t / "c.pt")
+        return t / "c.pt"
+    return make
+
+
+def header_edit(change: Callable[[dict], None]):
+    """The cache with its raw safetensors header edited (data bytes unchanged)."""
+    def make(w, t):
+        raw = w.cache.read_bytes()
+        (hlen,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + hlen])
+        change(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path = t / "edited.safetensors"
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + hlen:])
+        return path
+    return make
+
+
+def one_d_weight(model: Path) -> None:
+    weights = load_file(str(model / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    weights[key] = weights[key].reshape(-1).contiguous()
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
+def gguf_file(cut: int | None = None, garbage: bool = False):
+    def make(w, t):
+        from tokenwise_harness.gguf_import import packaged_gguf
+
+        data = b"GGUF" + bytes(range(256)) * 8 if garbage else packaged_gguf().read_bytes()[:cut]
+        (t / "m.gguf").write_bytes(data)
+        return t / "m.gguf"
+    return make
+
+
 # ---------------------------------------------------------------- CLI matrix
 
 FLAG = object()  # a boolean flag (no value); a value of None drops the flag
@@ -224,6 +296,8 @@ class Cli:
     argv: Callable[[World, Path], list]  # (world, tmp dir) -> arguments after the subcommand
     expect: tuple[str, ...]  # substrings of the error line (the flag or file, and the fix)
     cuda: bool = False  # the case needs a machine without CUDA
+    cwd: str | None = None  # run in this directory under the test's tmp dir (created)
+    needs: str | None = None  # "gguf": the gguf package; "smollm2": also the packaged SmolLM2 GGUF file
 
 
 def save_xy_args(model=None, **over):
@@ -252,6 +326,18 @@ def smooth_args(model=None, cache=None, **over):
                 "--out_dir": t / "out" / "s"}
         args.update({k: v(w, t) if callable(v) and v is not FLAG else v for k, v in over.items()})
         return ["smooth"] + flatten(args)
+    return argv
+
+
+def demo_model_args(out, *extra):
+    def argv(w, t):
+        return ["make-demo-model", "--out", out(w, t) if callable(out) else out, *extra]
+    return argv
+
+
+def gguf_args(gguf, out=None, *extra):
+    def argv(w, t):
+        return ["import-gguf", "--gguf", gguf(w, t), "--out", out(w, t) if out else t / "out" / "g", *extra]
     return argv
 
 
@@ -391,6 +477,84 @@ CLI_CASES = [
     Cli("analyze-out-dir-read-only", analyze_args(out=lambda w, t: "/sys/analysis"), ("--out_dir", "/sys")),
     Cli("analyze-out-dir-under-file", analyze_args(out=lambda w, t: a_file(t) / "a"),
         ("--out_dir", "cannot create directory")),
+    # issue 18 -- data loss: no output over an input (symlinks and hard links included)
+    Cli("eval_fake-out-json-is-the-cache",
+        eval_args(cache=cache_in_t, **{"--out_json": lambda w, t: cache_in_t(w, t)}),
+        ("--out_json", "is the input --xy_path", "pick another path")),
+    Cli("eval_fake-out-json-symlink-to-the-cache",
+        eval_args(cache=cache_in_t, **{"--out_json": symlink("r.json", cache_in_t)}),
+        ("--out_json", "is the input --xy_path")),
+    Cli("eval_fake-out-json-hard-link-to-a-weight-file",
+        eval_args(model=model_in_t, **{"--out_json": hardlink("r.json", lambda w, t: model_in_t(w, t) /
+                                                                                    "model.safetensors")}),
+        ("--out_json", "is a hard link to a file of the input --model_dir")),
+    Cli("eval_fake-out-json-into-the-model-dir",
+        eval_args(model=model_in_t, **{"--out_json": lambda w, t: model_in_t(w, t) / "r.json"}),
+        ("--out_json", "lies inside the input --model_dir")),
+    Cli("save_xy-label-overwrites-the-weights",
+        save_xy_args(model_in_t, **{"--save_path": model_in_t, "--label": "model"}),
+        ("--save_path/--label", "model.safetensors lies inside the input --model_dir")),
+    Cli("smooth-out-dir-is-the-model", smooth_args(model=model_in_t, **{"--out_dir": model_in_t}),
+        ("--out_dir", "is the input --model_dir")),
+    Cli("smooth-model-named-like-its-temp-dir",
+        smooth_args(model=lambda w, t: model_in_t(w, t, ".tmp-s.999999999.x"), **{"--out_dir": lambda w, t: t / "s"}),
+        ("--out_dir", "has the name of one of its temp files")),
+    Cli("analyze-out-dir-over-its-report",
+        analyze_args(lambda w, t: copy(w.report, (t / "a").mkdir() or t / "a", "ranking1.csv"),
+                     lambda w, t: t / "a"),
+        ("--out_dir", "ranking1.csv is the input --report")),
+    Cli("make-demo-model-out-dot-overwrite", demo_model_args(".", "--overwrite"), ("--out .", "is the current directory"),
+        cwd="here"),
+    Cli("make-demo-model-out-parent-of-cwd", demo_model_args("..", "--overwrite"),
+        ("--out ..", "contains the current directory"), cwd="here"),
+    Cli("import-gguf-out-contains-the-gguf", gguf_args(gguf_file(), lambda w, t: t, "--overwrite"),
+        ("--out", "contains the input --gguf"), needs="smollm2"),
+    # silent wrong answers
+    Cli("eval_fake-quantizer-nan", eval_args(**{"--quantizer": "tests.quantizers:nan_fake_op"}),
+        ("nmse = nan is not a finite number", "--quantizer")),
+    Cli("eval_fake-quantizer-inf", eval_args(**{"--quantizer": "tests.quantizers:inf_fake_op"}),
+        ("is not a finite number", "--quantizer")),
+    Cli("eval_fake-cache-zero-tokens", eval_args(cache=lambda w, t: resaved(w, t, zero_tokens)),
+        ("--xy_path", "holds 0 tokens", "save_xy")),
+    Cli("eval_fake-cache-zero-tokens-pt", eval_args(cache=pt_cache({"seed": "0"}, rows=0)),
+        ("--xy_path", "holds 0 tokens")),
+    Cli("eval_fake-smoothed-model-dir", eval_args(model=lambda w, t: w.smoothed,
+                                                  cache=lambda w, t: resaved(w, t, lambda ts, m: m.pop("model_fingerprint"))),
+        ("--model_dir", "is a smoothed model dir", "--smooth_model_dir")),
+    Cli("eval_smooth-cache-without-fingerprint",
+        eval_args("eval_smooth", cache=lambda w, t: resaved(w, t, lambda ts, m: m.pop("model_fingerprint"))),
+        ("--xy_path", "has no model_fingerprint", "save_xy")),
+    # resource exhaustion: a huge --chunk_tokens / block size is clamped (tests below), never an allocation
+    # tracebacks
+    Cli("eval_fake-cache-metadata-not-a-mapping", eval_args(cache=pt_cache(["seed", "0"])),
+        ("--xy_path", "__metadata__ is a list")),
+    Cli("eval_fake-cache-header-dtype-not-a-string", eval_args(cache=header_edit(lambda h: h[Q_X].update(dtype=["F16"]))),
+        ("--xy_path", Q_X, "malformed header entry (dtype is not a string)")),
+    Cli("eval_fake-cache-header-fp8-dtype", eval_args(cache=header_edit(lambda h: h[Q_X].update(dtype="F8_E4M3"))),
+        (Q_X, "has dtype F8_E4M3", "not a float type")),
+    Cli("eval_fake-cache-header-shape-not-integers", eval_args(cache=header_edit(lambda h: h[Q_X].update(shape="ab"))),
+        ("--xy_path", "shape is not a list of non-negative integers")),
+    Cli("eval_fake-cache-header-offsets-do-not-match-shape",
+        eval_args(cache=header_edit(lambda h: h[Q_X].update(data_offsets=[h[Q_X]["data_offsets"][0],
+                                                                          h[Q_X]["data_offsets"][0] + 10]))),
+        ("--xy_path", "10 bytes for a F16 tensor of shape")),
+    Cli("eval_fake-cache-aliases-not-names",
+        eval_args(cache=header_edit(lambda h: h["__metadata__"].update(
+            x_aliases=json.dumps({"model.layers.0.self_attn.k_proj.X": [1]})))),
+        ("--xy_path", "x_aliases is not a JSON object")),
+    Cli("eval_fake-config-json-is-a-list", eval_args(model=lambda w, t: model_copy(w.model, t, write("config.json", "[1]"))),
+        ("--model_dir", "config.json is a JSON list, not an object")),
+    Cli("save_xy-config-json-is-a-list", save_xy_args(lambda w, t: model_copy(w.model, t, write("config.json", "[1]"))),
+        ("--model_dir", "config.json is a JSON list, not an object")),
+    Cli("eval_fake-weight-is-1-d", eval_args(model=lambda w, t: model_copy(w.model, t, one_d_weight)),
+        ("--model_dir", "model.layers.0.self_attn.q_proj.weight", "not the 2-D [out, in]")),
+    Cli("save_xy-weight-is-1-d", save_xy_args(lambda w, t: model_copy(w.model, t, one_d_weight)),
+        ("--model_dir", "not the 2-D [out, in]")),
+    Cli("import-gguf-truncated", gguf_args(gguf_file(cut=200_000)), ("--gguf", "is truncated or corrupt", "copy the file"),
+        needs="smollm2"),
+    Cli("import-gguf-cut-in-the-tensor-data", gguf_args(gguf_file(cut=5_000_000)), ("--gguf", "is truncated or corrupt"),
+        needs="smollm2"),
+    Cli("import-gguf-garbage", gguf_args(gguf_file(garbage=True)), ("--gguf", "is truncated or corrupt"), needs="gguf"),
 ]
 
 
@@ -398,11 +562,39 @@ def leftovers(t: Path) -> list[str]:
     return sorted(str(p.relative_to(t)) for p in t.rglob(".tmp-*"))
 
 
+def snapshot(t: Path) -> dict[str, str]:
+    """sha256 of every file under t (symlinks by their target's name, not followed)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(t.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(t))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(t))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
-def test_cli_bad_input(world, tmp_path, case):
+def test_cli_bad_input(world, tmp_path, case, monkeypatch):
     if case.cuda and HAS_CUDA:
         pytest.skip("this machine has CUDA")
+    if case.needs:
+        pytest.importorskip("gguf")
+    if case.needs == "smollm2":
+        from tokenwise_harness.errors import HarnessError
+        from tokenwise_harness.gguf_import import packaged_gguf
+
+        try:
+            packaged_gguf()
+        except HarnessError as exc:
+            pytest.skip(str(exc))
+    if case.cwd:
+        (tmp_path / case.cwd).mkdir()
+        (tmp_path / case.cwd / "keep.txt").write_text("the user's file")
+        monkeypatch.chdir(tmp_path / case.cwd)
     argv = case.argv(world, tmp_path)
+    before = snapshot(tmp_path)
     proc = run_cli(*argv)
     line = one_line_error(proc)
     assert line.startswith(f"tokenwise-precision {argv[0]}: error: "), line
@@ -410,13 +602,13 @@ def test_cli_bad_input(world, tmp_path, case):
         assert part in line, (part, line)
     out = tmp_path / "out"
     assert not out.exists() or [f for f in files_under(out)] == [], files_under(out)
-    assert leftovers(tmp_path) == []
+    assert snapshot(tmp_path) == before  # nothing lost, nothing half-written, no temp file left
     assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_matrix_covers_every_subcommand():
     commands = {c.id.split("-")[0] for c in CLI_CASES}
-    assert commands == {"save_xy", "eval_fake", "eval_smooth", "smooth", "analyze"}
+    assert commands == {"save_xy", "eval_fake", "eval_smooth", "smooth", "analyze", "make", "import"}
 
 
 def test_debug_shows_the_traceback(world, tmp_path):

@@ -69,6 +69,14 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _file_identities(directory: Path) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the files directly inside `directory` (a model dir's weights, config...)."""
+    try:
+        return {i for i in (_identity(p) for p in directory.iterdir() if p.is_file()) if i is not None}
+    except OSError:
+        return set()
+
+
 def _ancestors(real: Path) -> Iterator[Path]:
     """`real` and each existing directory above it."""
     yield real
@@ -91,6 +99,7 @@ def check_not_input(out: Path | str, flag: str, inputs: Inputs = (), stores: Inp
     out = Path(out)
     real = Path(os.path.realpath(out))
     out_ids = {i for i in map(_identity, _ancestors(real)) if i is not None}
+    out_id = _identity(real)
     for what, given in keep:
         k_real = Path(os.path.realpath(given))
         if real == k_real or real in k_real.parents:
@@ -113,6 +122,9 @@ def check_not_input(out: Path | str, flag: str, inputs: Inputs = (), stores: Inp
                 raise HarnessError(f"{flag} {out} is {name}; writing there would destroy it: pick another path")
             if p_real in real.parents or (p_id is not None and p_real.is_dir() and p_id in out_ids):
                 raise HarnessError(f"{flag} {out} lies inside {name}; pick an output path outside it")
+            if out_id is not None and p_real.is_dir() and out_id in _file_identities(p_real):
+                raise HarnessError(f"{flag} {out} is a hard link to a file of {name}; writing there would destroy "
+                                   "it: pick another path")
             if real in p_real.parents and p_real.exists():
                 raise HarnessError(f"{flag} {out} contains {name}, which the output would replace; "
                                    "pick another path")
