@@ -736,6 +736,53 @@ PT_CASES = [
     Pt("baselines-dir-under-file", opts(**{"--baselines-dir": lambda w, t: a_file(t) / "baselines",
                                            "--update-baselines": FLAG}),
        ("baselines", "plain_file")),
+    # issue 18 -- data loss
+    Pt("pytest-report-over-the-cache", opts(**{"--xy-path": cache_in_t, "--tokenwise-report": cache_in_t}),
+       ("--tokenwise-report", "is the input --xy-path")),
+    Pt("pytest-report-symlink-to-the-cache",
+       opts(**{"--xy-path": cache_in_t, "--tokenwise-report": symlink("r.json", cache_in_t)}),
+       ("--tokenwise-report", "is the input --xy-path")),
+    Pt("pytest-report-over-a-baseline-file",
+       opts(**{"--tokenwise-report": lambda w, t: baseline_file("{}")(w, t) and
+               next((t / "baselines").rglob("layer0.json"))}),
+       ("--tokenwise-report", "lies inside the baseline store --baselines-dir")),
+    Pt("pytest-report-over-the-thresholds", opts(**{"--thresholds": thresholds("defaults: {nmse: 1}\n"),
+                                                    "--tokenwise-report": lambda w, t: t / "my_thresholds.yaml"}),
+       ("--tokenwise-report", "is the input --thresholds")),
+    # silent wrong answers
+    Pt("pytest-quantizer-nan", opts(**{"--quantizer": "tests.quantizers:nan_fake_op"}),
+       ("nmse = nan is not a finite number (always fails",), outcome="failed"),
+    Pt("pytest-quantizer-inf", opts(**{"--quantizer": "tests.quantizers:inf_fake_op"}),
+       ("is not a finite number (always fails",), outcome="failed"),
+    Pt("pytest-smoothed-dir-as-model-dir", opts(**{"--model-dir": lambda w, t: w.smoothed}),
+       ("--model-dir", "is a smoothed model dir", "--smooth-model-dir=")),
+    Pt("pytest-xy-path-zero-tokens", opts(**{"--xy-path": lambda w, t: resaved(w, t, zero_tokens)}),
+       ("--xy-path", "holds 0 tokens")),
+    Pt("thresholds-empty-option", opts(**{"--thresholds": ""}), ("--thresholds= is empty",)),
+    Pt("thresholds-is-a-directory", opts(**{"--thresholds": lambda w, t: (t / "th").mkdir() or t / "th"}),
+       ("--thresholds", "is a directory")),
+    Pt("thresholds-dangling-symlink", opts(**{"--thresholds": symlink("th.yaml", lambda w, t: t / "gone.yaml")}),
+       ("--thresholds", "is a dangling symlink")),
+    Pt("thresholds-default-location-is-a-directory",
+       opts(**{"--thresholds": lambda w, t: (t / "thresholds.yaml").mkdir() and None}),
+       ("thresholds.yaml at the rootdir", "is a directory")),
+    Pt("thresholds-default-location-dangling-symlink",
+       opts(**{"--thresholds": lambda w, t: symlink("thresholds.yaml", lambda w, t: t / "gone.yaml")(w, t) and None}),
+       ("thresholds.yaml at the rootdir", "is a dangling symlink")),
+    # resource exhaustion
+    Pt("thresholds-alias-bomb", opts(**{"--thresholds": thresholds(
+        "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi")) + "grid: {ranks: *i}\n")}),
+       ("my_thresholds.yaml", "aliases expand the document to more than")),
+    Pt("thresholds-deep-nesting", opts(**{"--thresholds": thresholds("defaults: " + "[" * 5000 + "]" * 5000 + "\n")}),
+       ("my_thresholds.yaml", "nesting deeper than")),
+    Pt("thresholds-too-large", opts(**{"--thresholds": thresholds("# " + "x" * (2 << 20) + "\n")}),
+       ("my_thresholds.yaml", "too large for a thresholds file")),
+    # tracebacks
+    Pt("thresholds-non-mapping-key", opts(**{"--thresholds": thresholds("defaults:\n  ? [nmse, sse]\n  : 1\n")}),
+       ("my_thresholds.yaml", "a key must be a plain value")),
+    Pt("pytest-weight-is-1-d", opts(**{"--model-dir": lambda w, t: model_copy(w.model, t, one_d_weight)}),
+       ("--model-dir", "not the 2-D [out, in]")),
 ]
 
 
@@ -894,3 +941,47 @@ def test_malicious_model_and_case_ids_stay_inside_the_baselines_dir(tmp_path):
             store.path_for(bad)
     with pytest.raises(HarnessError, match="not a plain name"):
         BaselineStore(tmp_path / "baselines", "../evil")
+
+
+# ---------------------------------------------------------------- resource bounds and the smooth temp dir
+
+
+def test_huge_chunk_tokens_is_clamped_to_the_cache(world):
+    """--chunk_tokens 10**12 used to allocate 10**12 rows per buffer; it reads the cache's tokens at once."""
+    from tokenwise_harness.run import EvalSpec, run_eval
+
+    def scores(chunk):
+        spec = EvalSpec.from_text("8", "nvfp4@16", model_dir=str(world.model), xy_path=str(world.cache),
+                                  chunk_tokens=chunk)
+        return run_eval(spec, **QUIET)["by_layer"]
+
+    assert scores(10**12) == scores(4096)
+
+
+def test_huge_block_is_one_block_per_row(world):
+    """nvfp4@4000000 used to pad every row to 4e6 columns (17.7 GB on a real weight): a block wider
+    than the row is the row, the same numbers as `in`, allocated at the row's size."""
+    from tokenwise_harness.numerics import formats
+    from tokenwise_harness.run import EvalSpec, run_eval
+
+    w = torch.randn(2, 200, generator=torch.Generator().manual_seed(0))
+    blocks = formats.quantize_blocks(w, "nvfp4", 4_000_000)
+    assert blocks.codes.shape[-1] == 200
+    assert torch.equal(formats.fake_quantize(w, "nvfp4", 4_000_000), formats.fake_quantize(w, "nvfp4", "in"))
+
+    def nmse(qspec):
+        spec = EvalSpec.from_text("8", qspec, model_dir=str(world.model), xy_path=str(world.cache))
+        rep = run_eval(spec, **QUIET)["by_layer"]["0"]["self_attn"]["by_proj"]["q_proj"]
+        return next(iter(rep.values()))["nmse"]
+
+    assert nmse("nvfp4@4000000") == nmse("nvfp4@in")
+
+
+def test_smooth_keeps_a_model_where_its_old_temp_dir_went(world, tmp_path):
+    """smooth used to `rm -rf <out parent>/.tmp-<out name>` first: a source model sitting there was deleted."""
+    model = copy(world.model, tmp_path, ".tmp-s")
+    before = snapshot(model)
+    proc = run_cli("smooth", "--model_dir", model, "--xy_path", world.cache, "--out_dir", tmp_path / "s")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(model) == before
+    assert (tmp_path / "s" / "tokenwise_smooth.json").is_file()
