@@ -132,11 +132,12 @@ class HarnessSession:
             # at session end, so only check now that the nearest existing ancestor is writable.
             self.report_path = Path(config.invocation_params.dir, self.report_path)
             from tokenwise_harness.atomic import check_not_input
+            from tokenwise_harness.cache_store import resolve_root
 
             check_not_input(self.report_path, "--tokenwise-report", inputs=[
                 *((v.flag, v.model_dir) for v in self.variants), ("--xy-path", self.xy_path),
                 ("--thresholds", self.thresholds.source_path),
-                ("--tokenwise-cache-dir", opt("--tokenwise-cache-dir") or self.rootdir / ".tokenwise_cache")],
+                ("--tokenwise-cache-dir", resolve_root(opt("--tokenwise-cache-dir")))],
                 stores=[("--baselines-dir", self.baselines_root)])
             if self.report_path.is_dir():
                 raise HarnessError(f"--tokenwise-report {self.report_path} is a directory; give a file path")
