@@ -150,7 +150,7 @@ def test_fuzz_cache_header_field(tmp_path_factory, field, value, as_text):
 
 # ---------------------------------------------------------------- thresholds.yaml
 
-TOP = ["version", "grid", "defaults", "rules", "baseline", "match", "limits", "nmse", "sqnr_db", "ranks", "qspecs",
+TOP = ["version", "grid", "defaults", "rules", "baseline", "capture", "select", "match", "limits", "nmse", "sqnr_db", "ranks", "qspecs",
        "layer", "proj", "rtol", "atol", "metrics", "default", "iters", "grid_mode", "blk", "fmt", "smooth"]
 YAMLISH = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 2**40) | st.floats() | st.sampled_from(
@@ -180,7 +180,7 @@ def _load_yaml_text(tmp_path_factory, text: str | bytes):
 
 
 @FUZZ
-@given(doc=st.dictionaries(st.sampled_from(TOP[:5]) | st.text(max_size=5), YAMLISH, max_size=5) | YAMLISH)
+@given(doc=st.dictionaries(st.sampled_from(TOP[:7]) | st.text(max_size=5), YAMLISH, max_size=5) | YAMLISH)
 def test_fuzz_thresholds_documents(tmp_path_factory, doc):
     _load_yaml_text(tmp_path_factory, yaml.safe_dump(doc, allow_unicode=True))
 
@@ -200,7 +200,8 @@ def test_fuzz_thresholds_bytes(tmp_path_factory, data):
 def test_thresholds_repo_file_still_loads():
     from tokenwise_harness.verdict.thresholds import load_thresholds
 
-    assert load_thresholds(REPO / "thresholds.yaml").defaults
+    th = load_thresholds(REPO / "thresholds.yaml")
+    assert th.source_path == REPO / "thresholds.yaml" and th.grid
 
 
 # ---------------------------------------------------------------- the baseline store
