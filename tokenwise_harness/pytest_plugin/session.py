@@ -344,9 +344,9 @@ class HarnessSession:
         variant, case = item.variant, item.case
         evaluation = self.evaluation(variant)
         cfgs = self._selected_cfgs(item, same_weight=evaluation.fake_op is None)
-        targets = [Target(case.layer, case.block, case.proj)]
+        targets = [case.target]
         if evaluation.fake_op is not None:  # the whole model is quantized per config: score every selected weight
-            targets = sorted({Target(it.case.layer, it.case.block, it.case.proj) for it in item.session.items
+            targets = sorted({it.case.target for it in item.session.items
                               if isinstance(it, TokenwiseItem) and it.variant == variant} | set(targets),
                              key=Target.sort_key)
         if evaluation.kernel is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tokenwise_harness.allowlist import ALLOWED, PROJ_ORDER
+from tokenwise_harness.allowlist import ALLOWED, PROJ_ORDER, Target
 from tokenwise_harness.grid import SvdqConfig
 
 # Inverse of Case.case_id. Format names are [a-z0-9_] (no '-'), so the words split cleanly.
@@ -45,8 +45,12 @@ class Case:
         return words + "-smooth" if self.smooth else words
 
     @property
+    def target(self) -> Target:
+        return Target(self.layer, self.block, self.proj)
+
+    @property
     def module_path(self) -> str:
-        return f"model.layers.{self.layer}.{self.block}.{self.proj}"
+        return self.target.path
 
     def sort_key(self) -> tuple:
         """Layer, then projection in forward order, then config, plain before smoothed."""
