@@ -24,12 +24,17 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = "1"
 _ST_DTYPES = {"fp16": "F16", "fp32": "F32", "bf16": "BF16"}
@@ -118,7 +123,7 @@ class StreamingSafetensorsWriter:
         self.fh.close()
 
 
-def torch_uint8():
+def torch_uint8() -> torch.dtype:
     import torch
 
     return torch.uint8
@@ -322,7 +327,7 @@ class XYCache:
             raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file ({exc}); "
                                "re-create it with `tokenwise-precision save_xy`") from None
 
-    def rows(self, key: str, start: int, end: int):
+    def rows(self, key: str, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of one cached tensor, as stored (CPU).
 
         With `verify`, a tensor read front to back in consecutive slices (as the engine and
@@ -391,14 +396,15 @@ class XYCache:
     def _hashed_elsewhere(self, key: str) -> bool:
         return key in getattr(self, "_background", {})
 
-    def torch_dtype(self, key: str):
+    def torch_dtype(self, key: str) -> torch.dtype:
         """The stored dtype of one tensor, as a torch dtype."""
         import torch
 
         stored = self.shapes[key][0]
         return getattr(torch, _TORCH_DTYPES.get(stored, stored.replace("torch.", "")))
 
-    def stream(self, keys: list[str | None], chunk_tokens: int, device):
+    def stream(self, keys: list[str | None], chunk_tokens: int,
+               device: str) -> Iterator[tuple[int, int, list[torch.Tensor | None]]]:
         """Yield (start, end, [rows of each key on `device`]) over every token, chunk by chunk.
 
         The fast path for the engine: each chunk is read with plain positioned reads into a

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import torch
 
+from tokenwise_harness.allowlist import Target
+from tokenwise_harness.cache import XYCache
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
 from tokenwise_harness.numerics import formats
@@ -82,7 +84,8 @@ def input_stats(cache, target, chunk_tokens: int = 4096, device="cpu") -> tuple[
     return acc.result(), acc.amax
 
 
-def input_gram(cache, target, chunk_tokens: int = 4096, device="cpu", smooth: torch.Tensor | None = None):
+def input_gram(cache: XYCache, target: Target, chunk_tokens: int = 4096, device: str = "cpu",
+               smooth: torch.Tensor | None = None) -> torch.Tensor:
     """H = XᵀX (float64) of a projection's cached input; with `smooth`, of X / s (= H_s)."""
     gram, _ = input_stats(cache, target, chunk_tokens, device)
     return gram if smooth is None else scale_gram(gram, smooth)

@@ -8,13 +8,15 @@ config.stash (session.py): it collects, selects, records and reports.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 _SESSION = pytest.StashKey()
 HARNESS_OPTIONS = ("model_dir", "smooth_model_dir", "xy_path")
 
 
-def pytest_addoption(parser):
+def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("tokenwise", "tokenwise precision harness (SVDQuant fake quantization)")
     g.addoption("--model-dir", default=None, help="Hugging Face model dir to gate (enables the harness)")
     g.addoption("--smooth-model-dir", default=None, help="smoothed model dir (from `tokenwise-precision smooth`)")
@@ -56,13 +58,13 @@ def pytest_addoption(parser):
                      "list and prune with `tokenwise-precision cache ls|prune`")
 
 
-def _call(config, method: str, *args):
+def _call(config: pytest.Config, method: str, *args: object) -> Any:
     """session.method(*args) on this run's HarnessSession; nothing when the harness is off."""
     harness = config.stash.get(_SESSION, None)
     return getattr(harness, method)(*args) if harness is not None else None
 
 
-def pytest_configure(config):
+def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "tokenwise: a generated tokenwise precision case")
     if any(config.getoption(name) for name in HARNESS_OPTIONS):
         from tokenwise_harness.pytest_plugin.session import HarnessSession
@@ -71,28 +73,28 @@ def pytest_configure(config):
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     return _call(config, "make_scheduler", log)
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session):
+def pytest_sessionstart(session: pytest.Session) -> None:
     _call(session.config, "prepare_cache")
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(session, config, items):
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     _call(config, "collect", session, items)
 
 
-def pytest_report_header(config):
+def pytest_report_header(config: pytest.Config) -> str | None:
     return _call(config, "header")
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     _call(config, "terminal_summary", terminalreporter)
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session, exitstatus):
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     _call(session.config, "finish", session)
