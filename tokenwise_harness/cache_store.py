@@ -212,9 +212,13 @@ class CacheStore:
 
         lock = self.lock(entry.path)
         try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
             lock.acquire(timeout=-1 if wait else 0)
         except Timeout:
             return False
+        except OSError as exc:
+            raise HarnessError(f"{self.flag} {self.root}: cannot remove {entry.path} ({exc.strerror}); "
+                               "the cache dir is not writable") from None
         try:
             if entry.path.is_dir():
                 shutil.rmtree(entry.path, ignore_errors=True)
