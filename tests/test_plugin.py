@@ -86,6 +86,18 @@ def output(result) -> str:
     return "\n".join(result.outlines)
 
 
+def failure_text(result, case_id: str) -> str:
+    """The text pytest's FAILURES section shows for one case (under its `___ id ___` header)."""
+    out = result.outlines
+    start = next(i for i, line in enumerate(out) if line.strip("_ ") == case_id and line.startswith("_"))
+    lines = []
+    for line in out[start + 1:]:
+        if line.startswith("___") or line.startswith("==="):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def read_layer(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -159,8 +171,9 @@ def test_thresholds_fail_exactly_the_matching_cases(pytester, harness):
     text = output(result)
     for cid in sorted(failed):
         # names the case, the metric, its value, the limit and the rule that set it
-        assert any(line.startswith(f"{cid}: nmse = ") and line.endswith(
-            "> limit 1e-09 (thresholds.yaml rules[0]: proj q_proj)") for line in result.outlines), text
+        reason = failure_text(result, cid)
+        assert reason.startswith("nmse = ") and reason.endswith(
+            "> limit 1e-09 (thresholds.yaml rules[0]: proj q_proj)"), text
 
     # Generous limits (and sqnr_db, the one lower bound) pass against the baselines just made.
     pytester.makefile(".yaml", thresholds="defaults: {nmse: 0.5, token_rel_l2_max: 5.0, sqnr_db: 3}\n")
@@ -169,8 +182,8 @@ def test_thresholds_fail_exactly_the_matching_cases(pytester, harness):
     pytester.makefile(".yaml", thresholds="defaults: {sqnr_db: 60}\n")
     result = harness("-k", "layer0-self_attn-v_proj-rank8")
     result.assert_outcomes(failed=1)
-    assert "layer0-self_attn-v_proj-rank8-nvfp4-blk16: sqnr_db = " in output(result)
-    assert "< limit 60 (thresholds.yaml defaults)" in output(result)
+    reason = failure_text(result, "layer0-self_attn-v_proj-rank8-nvfp4-blk16")
+    assert reason.startswith("sqnr_db = ") and reason.endswith("< limit 60 (thresholds.yaml defaults)")
 
 
 # ---------------------------------------------------------------- 3. baselines
@@ -180,9 +193,22 @@ def test_baselines_missing_create_pass_regress(pytester, harness, demo):
     result = harness("-k", "q_proj")
     result.assert_outcomes(failed=4)
     text = output(result)
-    assert (f"layer0-self_attn-q_proj-rank8-nvfp4-blk16: no baseline in baselines/{demo.model_id}/layer0.json; "
-            f"create it with `pytest --model-dir {demo.model} --xy-path {demo.cache} --ranks 8,16 "
-            f"--qspecs nvfp4@16 --update-baselines`") in text
+    # each case: "no baseline" as its outcome, nothing repeated; the session: one message
+    for cid in case_ids(projs=["q_proj"]):
+        assert failure_text(result, cid) == "no baseline"
+        assert f"FAILED tokenwise::{cid} - no baseline" in result.outlines
+    assert text.count(f"baselines/{demo.model_id}") == 2, text  # the header and the one message
+    message = result.outlines.index(
+        f"tokenwise: 4 cases of 4 have no baseline in baselines/{demo.model_id}/; create them (existing baselines "
+        "are kept) with:")
+    command = result.outlines[message + 1].strip()
+    assert (f"--model-dir={demo.model} --xy-path={demo.cache} --ranks 8,16 --qspecs nvfp4@16 -k q_proj "
+            in command) and command.endswith(" --update-baselines-new")
+    assert result.outlines[message + 2].startswith("=") and "4 failed" in result.outlines[message + 2]
+    report_path = pytester.path / "nobase.json"
+    harness("-k", "q_proj and layer0", f"--tokenwise-report={report_path}")
+    verdicts = {v["verdict"] for v in report.load_report(report_path)["cases"].values()}
+    assert verdicts == {"no baseline"}
 
     result = harness("-k", "q_proj", "--update-baselines")
     result.assert_outcomes(passed=4)
@@ -201,7 +227,8 @@ def test_baselines_missing_create_pass_regress(pytester, harness, demo):
     write_layer(layer0, doc)
     result = harness("-k", "q_proj")
     result.assert_outcomes(passed=3, failed=1)
-    line = next(x for x in result.outlines if x.startswith("layer0-self_attn-q_proj-rank8-nvfp4-blk16: nmse = "))
+    line = failure_text(result, "layer0-self_attn-q_proj-rank8-nvfp4-blk16")
+    assert line.startswith("nmse = ")
     assert line.endswith("> 0.000105 allowed by baseline 0.0001 (rtol 0.05, atol 1e-09: built-in defaults)")
 
     # --update-baselines-new creates the missing k_proj baselines, keeps the edited q_proj one,
@@ -220,12 +247,31 @@ def test_baselines_missing_create_pass_regress(pytester, harness, demo):
     harness("-k", "q_proj or k_proj").assert_outcomes(passed=8)
 
 
-def test_baselines_hint_quotes_every_option_that_decides_them(pytester, harness, demo):
-    result = harness("-k", "layer0-self_attn-q_proj-rank8-nvfp4", "--baselines-dir", "elsewhere", "--grid-mode", "full")
-    result.assert_outcomes(failed=1)
-    assert (f"no baseline in elsewhere/{demo.model_id}/layer0.json; create it with `pytest --model-dir {demo.model} "
-            f"--xy-path {demo.cache} --ranks 8,16 --qspecs nvfp4@16 --grid-mode full --baselines-dir elsewhere "
-            "--update-baselines`") in output(result)
+def test_missing_baselines_command_works_when_pasted(pytester, demo):
+    """The printed command, run as printed (a shell, from the same directory), creates exactly the
+    missing baselines of the same selection -- -k kept, a path option given with a space put
+    in = form, a -k expression with spaces quoted -- after which the original run passes."""
+    import subprocess
+
+    args = [f"--model-dir={demo.model}", "--xy-path", str(demo.cache), "--ranks", "8,16", "--qspecs", "nvfp4@16",
+            "-k", "layer0-self_attn-q_proj-rank8-nvfp4 or layer1-mlp-up_proj-rank16", "--baselines-dir", "elsewhere",
+            "--grid-mode", "full", "--rootdir", str(pytester.path)]  # --rootdir: the space form is then harmless
+    result = pytester.runpytest(*args)
+    result.assert_outcomes(failed=3)  # layer1 up_proj: rank16 x nvfp4@16 and rank16 alone
+    selected = {line.split("::", 1)[1].split(" ")[0] for line in result.outlines if line.startswith("FAILED")}
+    assert len(selected) == 3
+    message = next(i for i, line in enumerate(result.outlines) if line.startswith("tokenwise: 3 cases of 3 have no"))
+    assert f"no baseline in elsewhere/{demo.model_id}/;" in result.outlines[message]
+    command = result.outlines[message + 1].strip()
+    assert f"--xy-path={demo.cache}" in command and "--baselines-dir=elsewhere" in command
+    assert "-k 'layer0-self_attn-q_proj-rank8-nvfp4 or layer1-mlp-up_proj-rank16'" in command
+    assert not (pytester.path / "elsewhere").exists()
+
+    proc = subprocess.run(command, shell=True, cwd=pytester.path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stored = {cid for f in (pytester.path / "elsewhere" / demo.model_id).iterdir() for cid in read_layer(f)["cases"]}
+    assert stored == selected
+    pytester.runpytest(*args).assert_outcomes(passed=3)
 
 
 def test_stale_baselines_judged_within_selection_and_deleted_on_update(pytester, harness):
@@ -268,9 +314,11 @@ def test_provenance_mismatch_explained_benign_difference_warned(pytester, harnes
     result = harness("-k", "layer0 and self_attn")
     result.assert_outcomes(passed=7, failed=1)
     text = output(result)
-    assert (f"layer0-self_attn-k_proj-rank8-nvfp4-blk16: baseline in baselines/{harness.baselines.name}/layer0.json "
-            f"is not comparable: model_fingerprint differs: baseline {'0' * 64}, this run {mine} "
-            "(the model's weights changed); re-record it with `pytest") in text
+    reason = failure_text(result, "layer0-self_attn-k_proj-rank8-nvfp4-blk16")
+    assert reason.startswith(f"baseline in baselines/{harness.baselines.name}/layer0.json "
+                             f"is not comparable: model_fingerprint differs: baseline {'0' * 64}, this run {mine} "
+                             "(the model's weights changed); re-record it with `"), text
+    assert " -k 'layer0 and self_attn' " in reason and reason.endswith(" --update-baselines`"), reason
     assert "warning: torch_version differs: baseline 1.0.0, this run " in text
 
 
@@ -313,16 +361,57 @@ def test_report_artifact_and_summary_table(pytester, harness, demo):
     assert sorted(c for c, v in cases.items() if v["verdict"] == "failed") == sorted(
         case_ids(projs=["down_proj"], cfgs=["rank8-nvfp4-blk16"]))
 
-    # the terminal summary: worst cases first, capped, pointing at the report
+    # the closing table: the failing cases, then the worst passing ones, each with its nmse,
+    # limit, baseline and change; capped, pointing at -rA and the report
     out = result.outlines
-    head = out.index(next(x for x in out if "tokenwise precision" in x))
-    assert out[head + 1].split() == ["case", "nmse", "sqnr_db", "rel_l2_max", "verdict"]
-    rows = [x.split() for x in out[head + 2: head + 12]]
-    nmses = [float(r[1]) for r in rows]
-    assert nmses == sorted(nmses, reverse=True) and len(rows) == 10
-    assert all(r[0] in cases and r[-1] == cases[r[0]]["verdict"] for r in rows)
-    assert out[head + 12] == "... 18 more cases (see --tokenwise-report)"
+    rows = table_rows(result)
+    assert [r["verdict"] for r in rows] == ["failed"] * 2 + ["passed"] * 10
+    for r in rows:
+        c = cases[r["case"]]
+        nmse = rep_nmse(rep, r["case"])
+        assert float(r["nmse"]) == pytest.approx(nmse, rel=1e-3)
+        assert float(r["limit"]) == c["limits"]["nmse"]["limit"]
+        assert float(r["baseline"]) == pytest.approx(c["baseline"]["nmse"], rel=1e-3)
+        assert r["change"] == "+0.0%"
+    passing = [float(r["nmse"]) for r in rows[2:]]
+    assert passing == sorted(passing, reverse=True)
+    assert min(passing) >= sorted(rep_nmse(rep, cid) for cid in cases if cases[cid]["verdict"] == "passed")[-10] * 0.999
+    assert "... 16 more passing cases (-rA or -v lists all)" in out
     assert f"report: {pytester.path / 'out' / 'r.json'}" in out
+    head = out.index(next(x for x in out if "tokenwise precision" in x))
+    assert all(len(line) < 80 for line in out[head + 1: head + 15])  # fitted to pytester's 80 columns
+
+    # -rA and -v list every case; a wide terminal shows whole case ids
+    for flag in ("-rA", "-v"):
+        assert len(table_rows(harness(flag))) == 28, flag
+    pytester._monkeypatch.setenv("COLUMNS", "160")
+    assert {r["case"] for r in table_rows(harness("-rA"), shortened=False)} == case_ids()
+
+
+def table_rows(result, shortened=True) -> list[dict]:
+    """The closing table's rows as dicts (case: the full case id the row names)."""
+    out = result.outlines
+    head = out.index(next(x for x in out if "tokenwise precision" in x)) + 1
+    assert out[head].split() == ["case", "nmse", "limit", "baseline", "change", "verdict"]
+    rows = []
+    for line in out[head + 1:]:
+        words = line.split()
+        if len(words) < 6 or not words[0].startswith("layer"):
+            break
+        full = [cid for cid in case_ids() if words[0] in (
+            (cid, cid.replace("-self_attn-", "-").replace("-mlp-", "-"),
+             cid.replace("-self_attn-", "-").replace("-mlp-", "-").replace("_proj-", "-")) if shortened else (cid,))]
+        assert len(full) == 1, words[0]
+        rows.append(dict(zip(["case", "nmse", "limit", "baseline", "change"], [full[0]] + words[1:5]),
+                         verdict=" ".join(words[5:])))
+    return rows
+
+
+def rep_nmse(rep: dict, case_id: str) -> float:
+    layer, block, proj = case_id.split("-")[:3]
+    cfg = next(c for c in rep["meta"]["configs"] if case_id.endswith(
+        "-rank{}-{}-blk{}".format(*[kv.split("=")[1] for kv in c.split(";")])))
+    return rep["by_layer"][layer[len("layer"):]][block]["by_proj"][proj][cfg]["nmse"]
 
 
 # ---------------------------------------------------------------- 5. xdist
@@ -438,8 +527,8 @@ def test_quantizer_broken_kernel_fails_correct_kernel_passes(pytester, harness):
 
     result = harness("-k", "layer0", "--quantizer", "user_kernels:broken")
     result.assert_outcomes(failed=14)
-    assert "layer0-mlp-up_proj-rank8-nvfp4-blk16: nmse = " in output(result)
-    assert "allowed by baseline" in output(result)
+    reason = failure_text(result, "layer0-mlp-up_proj-rank8-nvfp4-blk16")
+    assert reason.startswith("nmse = ") and "allowed by baseline" in reason
 
     result = harness("-k", "layer0", "--quantizer", "user_kernels:good")
     result.assert_outcomes(passed=14)
@@ -582,3 +671,49 @@ def test_smooth_alpha_adds_smoothed_cases(pytester, demo):
     result = pytester.runpytest(f"--model-dir={model}", f"--xy-path={cache}", "--smooth-alpha=1.5")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--smooth-alpha 1.5 must lie in*"])
+
+
+# ---------------------------------------------------------------- header and HTML report
+
+
+def test_header_names_model_cache_thresholds_baselines_grid_device(pytester, harness, demo):
+    fingerprint = ModelDir(demo.model).fingerprint
+    result = harness("--co")
+    header = [line for line in result.outlines if line.startswith("tokenwise: ")]
+    assert header == [
+        f"tokenwise: model {demo.model} (fingerprint {fingerprint[:12]})",
+        f"tokenwise: cache {demo.cache} (64 tokens, 14 projections)",
+        "tokenwise: thresholds none (built-in defaults; --thresholds=FILE or thresholds.yaml at the rootdir)",
+        f"tokenwise: baselines baselines/{demo.model_id}/",
+        "tokenwise: grid 2 configs (ranks 8,16 x nvfp4@16, combined); device cpu",
+    ]
+    pytester.makefile(".yaml", thresholds="defaults: {nmse: 0.5}\n")
+    result = harness("--co", "--baselines-dir=b2", grid=["--ranks", "8", "--qspecs", "nvfp4@16"])
+    assert f"tokenwise: thresholds {pytester.path / 'thresholds.yaml'}" in result.outlines
+    assert f"tokenwise: baselines b2/{demo.model_id}/" in result.outlines
+    assert "tokenwise: grid 1 config (ranks 8 x nvfp4@16, combined); device cpu" in result.outlines
+
+
+def test_tokenwise_html_matches_the_json_report(pytester, harness):
+    from tests.test_html import Page
+    from tokenwise_harness.report.html import NOT_GATED
+
+    harness("--update-baselines").assert_outcomes(passed=28)
+    layer0 = harness.baselines / "layer0.json"
+    doc = read_layer(layer0)
+    regressed = "layer0-self_attn-q_proj-rank8-nvfp4-blk16"
+    doc["cases"][regressed]["nmse"] = 1e-4
+    write_layer(layer0, doc)
+    result = harness("--tokenwise-report=out/r.json", "--tokenwise-html=out/r.html")
+    result.assert_outcomes(passed=27, failed=1)
+    assert f"html report: {pytester.path / 'out' / 'r.html'}" in result.outlines
+    rep = report.load_report(pytester.path / "out" / "r.json")
+    page = Page((pytester.path / "out" / "r.html").read_text(encoding="utf-8"))
+    assert set(page.rows) == set(rep["cases"]) == case_ids()
+    for cid, entry in rep["cases"].items():
+        assert page.column(cid, "verdict")[1] == entry["verdict"] != NOT_GATED
+        assert float(page.column(cid, "nmse")[0]) == rep_nmse(rep, cid)
+        assert float(page.column(cid, "nmse_baseline")[0]) == entry["baseline"]["nmse"]
+    assert [cid for cid, cls in page.row_classes.items() if cls == "failed"] == [regressed]
+    assert "worse" in page.column(regressed, "change")[2]
+    assert len(page.images) == 1 and page.external == []

@@ -739,6 +739,10 @@ PT_CASES = [
     # issue 18 -- data loss
     Pt("pytest-report-over-the-cache", opts(**{"--xy-path": cache_in_t, "--tokenwise-report": cache_in_t}),
        ("--tokenwise-report", "is the input --xy-path")),
+    Pt("pytest-html-over-the-cache", opts(**{"--xy-path": cache_in_t, "--tokenwise-html": cache_in_t}),
+       ("--tokenwise-html", "is the input --xy-path")),
+    Pt("pytest-html-is-a-directory", opts(**{"--tokenwise-html": lambda w, t: t}),
+       ("--tokenwise-html", "is a directory")),
     Pt("pytest-report-symlink-to-the-cache",
        opts(**{"--xy-path": cache_in_t, "--tokenwise-report": symlink("r.json", cache_in_t)}),
        ("--tokenwise-report", "is the input --xy-path")),

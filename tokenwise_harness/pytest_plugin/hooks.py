@@ -34,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--update-baselines", action="store_true", help="rewrite the baselines of the cases that ran")
     g.addoption("--update-baselines-new", action="store_true", help="create missing baselines, keep existing ones")
     g.addoption("--tokenwise-report", default=None, help="write the full JSON report here at session end")
+    g.addoption("--tokenwise-html", default=None,
+                help="write one self-contained HTML page here at session end (heatmaps, a sortable table of every "
+                     "case with its verdict, limit and baseline), e.g. --tokenwise-html=report.html")
     g.addoption("--weight-quantizer", default=None,
                 help="your weight-level kernel fn(weight, cfg) -> W~ as package.module:function (run per weight on the "
                      "scoring device, once per selected case), or 'torchao'")

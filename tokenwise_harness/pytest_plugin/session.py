@@ -14,7 +14,7 @@ controller sees every case and alone writes the JSON artifact and the baselines.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -23,6 +23,7 @@ import pytest
 
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.pytest_plugin import terminal, xdist
+from tokenwise_harness.pytest_plugin.rerun import PATH_OPTIONS, rerun_command
 from tokenwise_harness.report.document import METRIC_KEYS
 
 if TYPE_CHECKING:
@@ -32,14 +33,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Options quoted in the "create it with `pytest ... --update-baselines`" hint when set (and
-# not at their default): everything that selects the cases, the cache or the baseline store.
-RERUN_OPTIONS = (
-    ("--model-dir", None), ("--smooth-model-dir", None), ("--smooth-alpha", None), ("--xy-path", None), ("--ranks", None),
-    ("--qspecs", None), ("--grid-mode", None), ("--act-qspecs", None), ("--lowrank-iters", None),
-    ("--baselines-dir", None), ("--quantizer", None), ("--weight-quantizer", None), ("--torch-dtype", "auto"),
-    ("--xy-cn", None), ("--xy-eu", None), ("--xy-length", None), ("--xy-seed", None), ("--tokenwise-cache-dir", None),
-)
+NO_BASELINE = "no baseline"  # a case's verdict and failure text when its baseline is missing
 
 
 class CaseFailure(Exception):
@@ -67,7 +61,10 @@ class TokenwiseItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: str | None = None) -> object:
         if isinstance(excinfo.value, (CaseFailure, HarnessError)):
-            return str(excinfo.value)
+            # pytest already names the case (its nodeid): drop the repeated "<case id>: " so the
+            # short summary line shows the reason itself.
+            prefix = f"{self.case.case_id}: "
+            return "\n".join(line.removeprefix(prefix) for line in str(excinfo.value).splitlines())
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self) -> tuple[Path, None, str]:
@@ -102,6 +99,7 @@ class HarnessSession:
         self.is_worker = xdist.is_worker(config)
         self.rootdir = Path(config.rootpath)
         self.thresholds = load_thresholds(opt("--thresholds"), default=self.rootdir / "thresholds.yaml")
+        self.thresholds_path = self.thresholds.source_path  # None: built-in defaults
         grid_cfg = self.thresholds.grid or {}  # already parsed: ranks list[int], qspecs list[QSpec]
         iters = opt("--lowrank-iters")
         # Every option the scoring uses, in pytest's spelling; EvalSpec.validate checks them (run.py).
@@ -125,23 +123,9 @@ class HarnessSession:
         self.xy_path = opt("--xy-path")
         self.update = opt("--update-baselines")
         self.update_new = opt("--update-baselines-new")
-        self.report_path = opt("--tokenwise-report")
         self.baselines_root = Path(opt("--baselines-dir") or self.rootdir / "baselines")
-        if self.report_path:
-            # Relative to where pytest was invoked (as --junitxml); the directory is created
-            # at session end, so only check now that the nearest existing ancestor is writable.
-            self.report_path = Path(config.invocation_params.dir, self.report_path)
-            from tokenwise_harness.atomic import check_not_input
-            from tokenwise_harness.cache_store import resolve_root
-
-            check_not_input(self.report_path, "--tokenwise-report", inputs=[
-                *((v.flag, v.model_dir) for v in self.variants), ("--xy-path", self.xy_path),
-                ("--thresholds", self.thresholds.source_path),
-                ("--tokenwise-cache-dir", resolve_root(opt("--tokenwise-cache-dir")))],
-                stores=[("--baselines-dir", self.baselines_root)])
-            if self.report_path.is_dir():
-                raise HarnessError(f"--tokenwise-report {self.report_path} is a directory; give a file path")
-            _check_creatable(self.report_path.parent, "--tokenwise-report")
+        self.report_path = self._output_path("--tokenwise-report")
+        self.html_path = self._output_path("--tokenwise-html")
         if self.update or self.update_new:  # fail now, not after every case has run
             from tokenwise_harness.atomic import check_writable_dir
 
@@ -161,6 +145,27 @@ class HarnessSession:
         config.pluginmanager.register(self, "tokenwise-session")
 
     # ------------------------------------------------------------ options
+    def _output_path(self, flag: str) -> Path | None:
+        """An artifact option's path, checked now: relative to where pytest was invoked (as
+        --junitxml), never an input or inside the baseline store, its directory creatable
+        (created at session end)."""
+        from tokenwise_harness.atomic import check_not_input
+        from tokenwise_harness.cache_store import resolve_root
+
+        opt = self.config.getoption
+        if not opt(flag):
+            return None
+        path = Path(self.config.invocation_params.dir, opt(flag))
+        check_not_input(path, flag, inputs=[
+            *((v.flag, v.model_dir) for v in self.variants), ("--xy-path", self.xy_path),
+            ("--thresholds", self.thresholds.source_path),
+            ("--tokenwise-cache-dir", resolve_root(opt("--tokenwise-cache-dir")))],
+            stores=[("--baselines-dir", self.baselines_root)])
+        if path.is_dir():
+            raise HarnessError(f"{flag} {path} is a directory; give a file path")
+        _check_creatable(path.parent, flag)
+        return path
+
     def _variants(self) -> list[Variant]:
         opt = self.config.getoption
         variants = []
@@ -292,15 +297,20 @@ class HarnessSession:
         baseline = store.get(case.case_id)
         # --update-baselines rewrites every baseline that runs: nothing to compare against.
         # --update-baselines-new only creates missing ones: existing ones still gate the case.
-        if not self.update and not (self.update_new and baseline is None):
+        updating = self.update or self.update_new
+        # A missing baseline fails the case with a short outcome; the session summary says once
+        # how many are missing and the command that creates them (terminal.missing_baselines).
+        missing = baseline is None and not updating
+        if baseline is not None and not self.update:
             failures += self._baseline_failures(store, case, metrics, item.variant)
+        verdict = "failed" if failures else NO_BASELINE if missing else "passed"
         payload = {"case_id": case.case_id, "layer": case.layer, "block": case.block, "proj": case.proj,
                    "config": case.cfg.key, "smooth": case.smooth, "metrics": metrics, "limits": limits,
-                   "baseline": baseline, "verdict": "failed" if failures else "passed",
+                   "baseline": baseline, "verdict": verdict, "no_baseline": missing,
                    "model_dir": item.variant.model_dir}
         xdist.attach(item, payload, METRIC_KEYS)
-        if failures:
-            raise CaseFailure("\n".join(failures))
+        if failures or missing:
+            raise CaseFailure("\n".join(failures + ([NO_BASELINE] if missing else [])))
 
     def _baseline_failures(self, store: BaselineStore, case: Case, metrics: dict, variant: Variant) -> list[str]:
         return list(store.compare(case, metrics, self.thresholds, provenance=self.provenance(variant)))
@@ -386,7 +396,7 @@ class HarnessSession:
 
         if variant not in self._stores:
             mdir = ModelDir(variant.model_dir, variant.flag)
-            hint = f"`pytest {' '.join(self._rerun_args())} --update-baselines`"
+            hint = f"`{self.rerun_command('--update-baselines')}`"
             self._stores[variant] = BaselineStore(self.baselines_root, model_id(mdir.name, mdir.fingerprint),
                                                   update=self.update or self.update_new, hint=hint)
         return self._stores[variant]
@@ -411,12 +421,29 @@ class HarnessSession:
                 cwd=self.rootdir), quantizer=self.quantizers.label)
         return self._provenance[variant]
 
+    def rerun_command(self, *add: str) -> str:
+        """This pytest invocation as a command to paste, with `add` instead of its update flags."""
+        return rerun_command(self.config, list(add))
+
+    def store_dirs(self) -> list[Path]:
+        """The baseline directory of each model this run gates."""
+        return [self._store(v).dir for v in self.variants]
+
     # ------------------------------------------------------------ terminal
-    def header(self) -> str:
-        return terminal.header(self)
+    def header(self) -> list[str]:
+        return _usage(lambda: terminal.header(self))
 
     def terminal_summary(self, tr: pytest.TerminalReporter) -> None:
         terminal.summary(self, tr)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> Generator[None, object, object]:
+        """After pytest's short test summary (this wrapper is outside the terminal reporter's):
+        the one message about missing baselines, last before the final counts line."""
+        try:
+            return (yield)
+        finally:
+            terminal.missing_baselines(self, terminalreporter)
 
     # ------------------------------------------------------------ recording (controller side)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -429,7 +456,7 @@ class HarnessSession:
             return
         try:
             self._write_baselines(session)
-            if self.report_path:
+            if self.report_path or self.html_path:
                 self._write_report()
         except HarnessError as exc:
             self.warnings.append(str(exc))
@@ -478,38 +505,42 @@ class HarnessSession:
         return Expression.compile(keyword).evaluate(
             lambda name, **kw: any(name.lower() in n.lower() for n in names))
 
-    def _rerun_args(self) -> list[str]:
-        """The options of this run that decide which baselines it reads, to quote in hints."""
-        import shlex
-
-        args = []
-        for opt, default in RERUN_OPTIONS:
-            value = self.config.getoption(opt)
-            if value is not None and value != default:
-                args.append(f"{opt} {shlex.quote(str(value))}")
-        return args
-
-    def _write_report(self) -> None:
+    def build_report(self) -> dict:
+        """The §2.5 report of the cases that ran, plus each case's verdict, limits and baseline
+        under "cases" (and its metrics there when the §2.5 part cannot hold them: smoothed
+        cases of a run that gates two models)."""
         from tokenwise_harness.report import document as report
 
         results: dict = {}
         cases: dict = {}
+        two_models = len(self.variants) > 1
         for p in self.recorded.values():
-            if p["smooth"] and len(self.variants) > 1:
+            if p["smooth"] and two_models:
                 continue  # the §2.5 report holds one model; smoothed cases are listed under "cases"
             results.setdefault((p["layer"], p["block"], p["proj"]), {})[p["config"]] = p["metrics"]
         for cid in sorted(self.recorded):
             p = self.recorded[cid]
             cases[cid] = {k: p[k] for k in ("config", "smooth", "verdict", "limits", "baseline")}
+            if p["smooth"] and two_models:
+                cases[cid]["metrics"] = p["metrics"]
         meta = self.evaluation(self.variants[0]).meta()
         rep = report.build_report(meta, results)
         rep["cases"] = cases
-        report.write_report(rep, Path(self.report_path), flag="--tokenwise-report")
+        return rep
 
-# Harness options whose value is a path: `--model-dir /models/m` (with a space) misleads
-# pytest's rootdir choice, see _check_rootdir.
-PATH_OPTIONS = ("--model-dir", "--smooth-model-dir", "--xy-path", "--thresholds", "--baselines-dir",
-                "--tokenwise-report", "--tokenwise-cache-dir")
+    def _write_report(self) -> None:
+        from tokenwise_harness.report import document as report
+
+        rep = self.build_report()
+        if self.report_path:
+            report.write_report(rep, Path(self.report_path), flag="--tokenwise-report")
+        if self.html_path:
+            from tokenwise_harness.report.html import write_html
+
+            write_html(rep, self.html_path, "--tokenwise-html", title="tokenwise precision gate",
+                       source=str(self.report_path) if self.report_path else None,
+                       extra_meta=terminal.run_facts(self))
+
 
 
 def _check_rootdir(config: pytest.Config) -> None:
