@@ -62,5 +62,5 @@ def test_independent_kernel_passes_scale_bug_fails(model):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert outcome(proc) == {"failed": N_CASES // 3, "deselected": N_CASES * 2 // 3}
     text = proc.stdout
-    assert "layer0-self_attn-q_proj-rank16-nvfp4-blk16: nmse = " in text
+    assert "FAILED tokenwise::layer0-self_attn-q_proj-rank16-nvfp4-blk16 - nmse = " in text
     assert "Traceback" not in text and "INTERNALERROR" not in text
