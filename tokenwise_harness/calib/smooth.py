@@ -35,6 +35,7 @@ from tokenwise_harness.cache import XYCache
 from tokenwise_harness.checkpoint import SMOOTH_META_FILE, ModelDir, load_model
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.numerics.smoothing import ALPHA_GRID, smooth_factor
+from tokenwise_harness.text import plural
 
 if TYPE_CHECKING:
     import torch
@@ -181,7 +182,7 @@ def smooth(model_dir: str | Path, xy_path: str | Path, out_dir: str | Path, alph
     else:
         factors = compute_factors(mdir, cache, alpha, chunk_tokens)
     out = write_smoothed_model(mdir, out_dir, factors, meta)
-    log(f"smooth: {len(factors)} projections smoothed (alpha={alpha}) -> {out}")
+    log(f"smooth: {plural(len(factors), 'projection')} smoothed (alpha={alpha}) -> {out}")
     return out
 
 

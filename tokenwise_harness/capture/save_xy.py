@@ -26,6 +26,7 @@ from tokenwise_harness.cache import FORMAT_VERSION, StreamingSafetensorsWriter, 
 from tokenwise_harness.checkpoint import ModelDir, load_model, load_tokenizer, resolve_torch_dtype
 from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.text import plural
 
 SAVE_DTYPES = ("fp16", "fp32", "bf16")
 
@@ -108,7 +109,7 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
         except BaseException:
             sink.abort()
             raise
-    log(f"save_xy: {len(targets)} projections x {n_tokens} tokens -> {final} "
+    log(f"save_xy: {plural(len(targets), 'projection')} x {plural(n_tokens, 'token')} -> {final} "
         f"({final.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - started:.1f} s)")
     return final
 

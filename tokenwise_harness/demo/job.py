@@ -452,7 +452,7 @@ def _check_harness(harness_report: Path, plain: dict, log) -> None:
     if worst > 1e-6:
         raise HarnessError(f"{harness_report}: the harness's nmse differs from eval_fake's by {worst:.2e} "
                            "(relative); both use one engine, so this is a bug")
-    log(f"demo: harness numbers equal eval_fake's on {n} cases (max relative difference {worst:.1e})")
+    log(f"demo: harness numbers equal eval_fake's on {plural(n, 'case')} (max relative difference {worst:.1e})")
 
 
 # ------------------------------------------------------------------ SUMMARY.md

@@ -23,6 +23,7 @@ from typing import Any
 
 from tokenwise_harness.atomic import write_text_atomic
 from tokenwise_harness.report.document import iter_metrics
+from tokenwise_harness.text import plural
 
 NOT_GATED = "not gated"
 COLUMNS = (
@@ -188,7 +189,7 @@ def _meta_items(report: Mapping, source: str | None, extra: Mapping[str, Any] | 
     if meta.get("xy_path"):
         tokens = xy_meta.get("n_tokens")
         items.append(("cache", f"{meta['xy_path']}" + (f" ({tokens} tokens)" if tokens else "")))
-    items.append(("grid", f"{len(meta.get('configs') or [])} configs, grid_mode {meta.get('grid_mode')}, "
+    items.append(("grid", f"{plural(len(meta.get('configs') or []), 'config')}, grid_mode {meta.get('grid_mode')}, "
                           f"smooth {str(meta.get('smooth')).lower()}"))
     if meta.get("quantizer"):
         items.append(("quantizer", str(meta["quantizer"])))
