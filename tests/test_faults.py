@@ -430,3 +430,27 @@ def test_baseline_temp_files_are_never_read(tmp_path):
     assert BaselineStore(tmp_path / "b", MODEL_ID).case_ids() == []
     assert BaselineStore(tmp_path / "b", MODEL_ID).get(CASES[0]) is None
 
+
+
+def test_concurrent_pytest_update_baselines_keep_every_case(demo_model_dir, tmp_path):
+    """The issue's own scenario, end to end: 3 `pytest --update-baselines` runs at once on one store,
+    each selecting other projections of the same layer files; a check run then finds every case."""
+    from tokenwise_harness.capture.save_xy import save_xy
+
+    cache = save_xy(demo_model_dir, tmp_path / "xy", "c", cn=1, eu=1, length=8, progress=False, log=lambda m: None)
+    (tmp_path / "conftest.py").write_text("")
+    common = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--rootdir={tmp_path}",
+              f"--model-dir={demo_model_dir}", f"--xy-path={cache}", "--ranks=8", "--qspecs=nvfp4@16",
+              f"--baselines-dir={tmp_path / 'b'}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    projs = ("q_proj", "k_proj", "v_proj")
+    procs = [subprocess.Popen([*common, "--update-baselines", "-k", p], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in projs]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+    check = subprocess.run([*common, "-k", " or ".join(projs)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "6 passed" in check.stdout, check.stdout  # 2 layers x 3 projections, every baseline kept
