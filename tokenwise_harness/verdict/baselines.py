@@ -548,6 +548,9 @@ class BaselineStore:
         except Timeout:
             raise HarnessError(f"--baselines-dir: {display_path(self.dir)} stayed locked by another "
                                f"--update-baselines run for {LOCK_TIMEOUT_S} s; retry when it is done") from None
+        except OSError as exc:  # e.g. another user's lock file in a sticky temp dir
+            raise HarnessError(f"--baselines-dir: cannot take the lock {lock.lock_file} of {display_path(self.dir)} "
+                               f"({exc.strerror}); remove it if no update is running") from None
         try:
             for tmp in self.dir.glob(f"{TMP_PREFIX}layer*.json.*"):
                 m = re.match(rf"^{re.escape(TMP_PREFIX)}(layer\d+\.json)\.", tmp.name)
