@@ -43,3 +43,16 @@ def inf_fake_op(model, svdq_cfg):
     with torch.no_grad():
         for _, mod in iter_allowed_linears(model):
             mod.weight[0, 0] = float("inf")
+
+
+# What counting_fake_op saw, one entry per call: (cfg key, the linears of the decoder layers it found).
+MODEL_OP_CALLS: list[tuple[str, tuple[str, ...]]] = []
+
+
+def counting_fake_op(model, svdq_cfg):
+    """The reference kernel, recording the decoder-layer linears a user's own walk over
+    named_modules() finds (as a user's fake_op written without the harness's allowlist would)."""
+    seen = tuple(name for name, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear) and ".layers." in name)
+    MODEL_OP_CALLS.append((getattr(svdq_cfg, "key", str(svdq_cfg)), seen))
+    reference_fake_op(model, svdq_cfg)

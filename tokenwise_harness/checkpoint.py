@@ -240,6 +240,81 @@ def load_model(model_dir: ModelDir, torch_dtype: str | None = "auto", device_map
     return model.eval()
 
 
+def load_model_layers(model_dir: ModelDir, layers: set[int], torch_dtype: str | None = "auto",
+                      device: str = "cpu", trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The model with only the decoder layers `layers` materialized, or None where that cannot be done.
+
+    Built from config.json on the meta device; every other decoder layer is replaced by an empty
+    placeholder module (so a walk over named_modules(), fake_op's included, sees only the kept
+    layers' linears), and the kept layers are materialized on `device` and loaded tensor by tensor
+    from the safetensors shards (weights, biases, norms), in the dtype from_pretrained would use.
+    Embeddings, lm_head and the final norm stay on meta: the model is not runnable end to end.
+    None (the caller loads the whole model instead) for a .bin checkpoint, when `layers` covers
+    every layer, or when the checkpoint or the architecture does not fit a partial load.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    index = model_dir.safetensors_index
+    if index is None:
+        return None
+    quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir.path), local_files_only=True,
+                                            trust_remote_code=trust_remote_code)
+        dtype = resolve_torch_dtype(torch_dtype)
+        if dtype == "auto":
+            dtype = _auto_dtype(config, model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        decoder = model.get_submodule("model.layers")
+    except Exception:  # noqa: BLE001  (the whole load reports the problem in its own words)
+        return None
+    if not isinstance(decoder, torch.nn.ModuleList) or not set(layers) < set(range(len(decoder))):
+        return None
+    for i in range(len(decoder)):
+        if i not in layers:
+            decoder[i] = torch.nn.Module()  # a placeholder: holds nothing, named_modules() stops at it
+    for i in sorted(layers):
+        layer = decoder[i]
+        persistent = layer.state_dict()
+        if sum(1 for _ in layer.buffers()) != sum(1 for k in persistent if k not in dict(layer.named_parameters())):
+            return None  # a non-persistent buffer (computed at init) would be left uninitialized
+        layer.to_empty(device=device)
+        state = {}
+        for name in persistent:
+            tensor = model_dir.read(f"model.layers.{i}.{name}", device)
+            if tensor is None:
+                return None  # a tensor from_pretrained would initialize itself: let it
+            state[name] = tensor
+        try:
+            with torch.no_grad():
+                layer.load_state_dict(state, strict=True)
+        except RuntimeError:  # a shape mismatch: the whole load names it
+            return None
+    return model.eval()
+
+
+def _auto_dtype(config, model_dir: ModelDir) -> torch.dtype:
+    """The dtype from_pretrained(dtype="auto") loads in: config.json's, else the checkpoint's first float tensor's."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from safetensors import safe_open
+
+    for name, shard in sorted((model_dir.safetensors_index or {}).items()):
+        with safe_open(str(shard), framework="pt") as fh:
+            kind = fh.get_slice(name).get_dtype()
+        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        if kind in table:
+            return table[kind]
+    return torch.float32
+
+
 def quiet_transformers() -> None:
     """No per-load progress bars or advisory warnings: our output stays one line per step."""
     from transformers.utils import logging as hf_logging

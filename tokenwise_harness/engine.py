@@ -121,9 +121,13 @@ class ModuleWeights:
         return WeightTriple(native.to(torch.float32), conv(mod.bias), conv(s), native)
 
 
-def check_alignment(cache: XYCache, targets: list[Target], model_flag: str) -> list[Target]:
-    """The targets both sides hold; a projection on one side only is an error."""
-    in_cache, in_model = set(cache.targets), set(targets)
+def check_alignment(cache: XYCache, targets: list[Target], model_flag: str,
+                    layers: Iterable[int] | None = None) -> list[Target]:
+    """The targets both sides hold; a projection on one side only is an error.
+    `layers`: the decoder layers the model side holds (None: all); the cache's others are not compared."""
+    layers = None if layers is None else set(layers)
+    in_cache = {t for t in cache.targets if layers is None or t.layer in layers}
+    in_model = set(targets)
     if in_model - in_cache:
         missing = sorted(in_model - in_cache, key=Target.sort_key)[0]
         raise HarnessError(f"{cache.flag} {cache.path} lacks key {missing.path}.X that {model_flag} has; "
@@ -517,11 +521,12 @@ def _check_weight_finite(triple: WeightTriple, target: Target) -> None:
 
 def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[SvdqConfig], chunk_tokens: int,
                            device, smooth: bool, no_restore: bool = False, progress: bool = True,
-                           targets: list[Target] | None = None) -> dict:
+                           targets: list[Target] | None = None, layers: Iterable[int] | None = None) -> dict:
     """The seed's flow for a user's in-place model-level fake_op.
 
     fake_op(model, cfg) quantizes the whole model per config (that is the protocol); only
-    `targets` (default: every allowlisted projection) are scored. The model is moved to the
+    `targets` (default: every allowlisted projection) are scored. `layers`: the decoder layers
+    `model` holds when it holds only some (run.Evaluation.model under a -k selection; None: all). The model is moved to the
     scoring device when it fits there (so a GPU-only kernel runs), its allowlisted weights are
     backed up once (beside them when there is room, else on the CPU, as the seed does), and
     restored between configs unless no_restore.
@@ -530,7 +535,7 @@ def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[
     from tqdm import tqdm
 
     source = ModuleWeights(model, smooth)
-    every = check_alignment(cache, source.targets(), "the model")
+    every = check_alignment(cache, source.targets(), "the model", layers)
     targets = every if targets is None else sorted(targets, key=Target.sort_key)
     backup_device = place_model(model, device, [source.modules[t].weight for t in every])
     backup = {t: source.modules[t].weight.detach().to(backup_device, copy=True) for t in every}
@@ -569,15 +574,34 @@ def place_model(model, device, backed_up) -> "str":
         return "cpu"
     if getattr(model, "hf_device_map", None) and len(set(map(str, model.hf_device_map.values()))) > 1:
         return "cpu"
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    params += sum(b.numel() * b.element_size() for b in model.buffers())
+    # A model holding only some layers (run.Evaluation.model) keeps the rest on meta: not counted, not moved.
+    held = [p for p in model.parameters() if not p.is_meta]
+    params = sum(p.numel() * p.element_size() for p in held)
+    params += sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_meta)
     backup = sum(w.numel() * w.element_size() for w in backed_up)
     on_device = all(str(p.device) == str(torch.device(device)) or (p.device.type == "cuda" and device == "cuda")
-                    for p in model.parameters())
+                    for p in held)
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     if not on_device:
         if params + GPU_HEADROOM_BYTES > free:
             return "cpu"
-        model.to(device)
+        _move_held(model, device)
         free -= params
     return device if backup + GPU_HEADROOM_BYTES <= free else "cpu"
+
+
+def _move_held(model, device) -> None:
+    """model.to(device) for the tensors that hold data; those left on meta stay there."""
+    import torch
+
+    if not any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to(device)
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and not p.is_meta:
+                    p.data = p.data.to(device)
+            for name, b in module._buffers.items():
+                if b is not None and not b.is_meta:
+                    module._buffers[name] = b.to(device)

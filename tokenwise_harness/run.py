@@ -28,7 +28,7 @@ from tokenwise_harness import __version__
 from tokenwise_harness.allowlist import Target
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.calib.smooth import SMOOTH_META_FILE
-from tokenwise_harness.checkpoint import ModelDir, load_model, resolve_torch_dtype
+from tokenwise_harness.checkpoint import ModelDir, load_model, load_model_layers, resolve_torch_dtype
 from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
@@ -159,6 +159,7 @@ class Evaluation:
                                                               verify=not spec.no_verify_cache)
         check_cache_model(self.cache, self.mdir, spec.smooth)
         self._model = None
+        self._model_layers: set[int] | None = None  # the decoder layers self._model holds (None: all)
         self._source = None
 
     # ------------------------------------------------------------ engine path
@@ -172,15 +173,38 @@ class Evaluation:
             return ENGINE_SHARDS + kernel
         return ENGINE_LOADED + kernel
 
-    def model(self) -> torch.nn.Module:
-        """The instantiated model (loaded at most once): for a .bin checkpoint or a user's fake_op."""
-        if self._model is None:
-            if self.spec.smooth:
-                from tokenwise_harness.calib.smooth import load_smoothed_model
+    def model(self, layers: Iterable[int] | None = None) -> torch.nn.Module:
+        """The instantiated model: for a .bin checkpoint or a user's fake_op.
 
-                self._model = load_smoothed_model(str(self.mdir.path), self.spec.torch_dtype, self.spec.device_map)
-            else:
-                self._model = load_model(self.mdir, self.spec.torch_dtype, self.spec.device_map)
+        `layers`: the decoder layers the caller needs (None: all). When they are some of the
+        layers, the model holds only those (checkpoint.load_model_layers: the others are empty
+        placeholders, embeddings and lm_head stay on meta; not runnable end to end), so a
+        model-level fake_op under a -k selection quantizes only the selected layers' weights.
+        A model already made is reused when it holds every layer asked for; the whole model is
+        loaded (at most once) when no layers are named or a partial load is not possible.
+        """
+        wanted = None if layers is None else set(layers)
+        have = self._model_layers
+        if self._model is not None and (have is None or (wanted is not None and wanted <= have)):
+            return self._model
+        partial = None
+        if wanted is not None:
+            wanted |= have or set()
+            partial = load_model_layers(self.mdir, wanted, self.spec.torch_dtype)
+        if partial is not None:
+            if self.spec.smooth:
+                from tokenwise_harness.calib.smooth import attach_smooth_factors
+
+                partial = attach_smooth_factors(partial, self.mdir)
+            self._model, self._model_layers = partial, wanted
+        elif self.spec.smooth:
+            from tokenwise_harness.calib.smooth import load_smoothed_model
+
+            self._model, self._model_layers = load_smoothed_model(str(self.mdir.path), self.spec.torch_dtype,
+                                                                  self.spec.device_map), None
+        else:
+            self._model, self._model_layers = load_model(self.mdir, self.spec.torch_dtype,
+                                                         self.spec.device_map), None
         return self._model
 
     def _weights(self):
@@ -205,7 +229,8 @@ class Evaluation:
         Each target is decomposed once for all `configs`; a weight-level kernel is called once
         per (target, config), and every config is checked to be one it can score before any is.
         A model-level fake_op quantizes the whole model per config (its protocol), and only
-        `targets` are scored. Every cached tensor the numbers come from has passed its
+        `targets` are scored; when `targets` lie in some decoder layers only, the model it gets
+        holds only those layers (see `model`). Every cached tensor the numbers come from has passed its
         checksum when they are returned: a whole-cache run hashes on a thread pool beside the
         engine (or up front with verify_cache), a partial one as each tensor streams.
         """
@@ -222,9 +247,11 @@ class Evaluation:
             self.cache.verify_in_background()  # joined below, before anything is returned
         try:
             if self.fake_op is not None:
+                targets = None if whole else list(targets)
+                model = self.model(None if whole else {t.layer for t in targets})
                 results = engine.evaluate_with_model_op(
-                    self.cache, self.model(), self.fake_op, configs, self.spec.chunk_tokens, self.device,
-                    self.spec.smooth, self.spec.no_restore, progress, targets=None if whole else list(targets))
+                    self.cache, model, self.fake_op, configs, self.spec.chunk_tokens, self.device,
+                    self.spec.smooth, self.spec.no_restore, progress, targets=targets, layers=self._model_layers)
             else:
                 source = self._weights()
                 results = engine.evaluate_grid(self.cache, source, configs, self.spec.chunk_tokens, self.device,

@@ -193,10 +193,15 @@ def load_smoothed_model(model_dir: str | Path, torch_dtype: str | None = "auto",
     The buffers come from the shards; a forward pre-hook divides each smoothed linear's input
     by its factor, so the model computes the original function.
     """
+    mdir = ModelDir(model_dir, "--smooth_model_dir")
+    return attach_smooth_factors(load_model(mdir, torch_dtype, device_map), mdir)
+
+
+def attach_smooth_factors(model: torch.nn.Module, mdir: ModelDir) -> torch.nn.Module:
+    """Give every allowlisted linear of `model` its `smooth_factor` buffer from the shards and the
+    pre-hook dividing its input by it (a model holding only some layers: theirs)."""
     from tokenwise_harness.allowlist import iter_allowed_linears
 
-    mdir = ModelDir(model_dir, "--smooth_model_dir")
-    model = load_model(mdir, torch_dtype, device_map)
     for target, mod in iter_allowed_linears(model):
         s = mdir.read(target.path + ".smooth_factor")
         if s is None:
