@@ -9,6 +9,7 @@ Two protocols, one loader (`resolve_callable`, for every `package.module:functio
   `torchao` selects the built-in adapter over torchao's own NVFP4 / MX casts (`torchao.py`).
 - model level (the seed's, `--quantizer`): `fake_op(model, cfg)` quantizes every allowlisted
   weight of the model in place, once per config; kept for compatibility (engine.evaluate_with_model_op).
+  Under a -k selection the model holds only the selected decoder layers (run.Evaluation.model).
 
 The built-in quantizer is numerics.svdq.fake_quantize_weight (exact top-r branch + formats).
 """

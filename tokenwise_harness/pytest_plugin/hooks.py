@@ -42,7 +42,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "scoring device, once per selected case), or 'torchao'")
     g.addoption("--quantizer", default=None,
                 help="your model-level fake_op(model, cfg) as package.module:function (quantizes the whole model per "
-                     "config; --weight-quantizer is the fast protocol)")
+                     "config; under -k a model holding only the selected decoder layers; --weight-quantizer is the fast "
+                     "protocol)")
     g.addoption("--device", default=None, help="cpu, cuda or cuda:N (default cuda when present; xdist: one GPU per worker)")
     g.addoption("--torch-dtype", default="auto", help="dtype for loading models (auto|fp16|bf16|fp32)")
     g.addoption("--xy-cn", default=None, type=int,
