@@ -339,10 +339,12 @@ def qwen2_fp16(demo_model_dirs, tmp_path_factory):
 @pytest.mark.cuda
 @pytest.mark.parametrize("cache_kind", ["fp16", "fp32"])
 def test_metrics_on_cuda_match_float64_reference(qwen2, qwen2_fp16, cache_kind):
-    """The engine on the GPU (fp16 cache: the 16-bit ErrorMatmul path) against float64 numpy
-    metrics of the same W~: the sums (sse, denom, nmse, sqnr) within 1e-4 (ErrorMatmul's 'a few
-    1e-5'); per-token norms within 5e-4 (one token's ||E_t|| over 32-160 outputs sees M's 2^-11
-    rounding averaged over fewer terms)."""
+    """The engine on the GPU against float64 numpy metrics of the same W~. fp32 cache: the sums
+    (sse, denom, nmse, sqnr) within 1e-4, per-token norms within 5e-4. fp16 cache (the 16-bit
+    ErrorMatmul path, ΔW rounded once to fp16): within 2·2^-11, the bound of one 2^-11 relative
+    rounding of ΔW on a squared norm. Measured on the H200: 1.14e-4 on layer 0's v_proj, whose
+    planted outlier channels let a few entries of ΔW dominate XᵀX; emulating the fp16 rounding
+    of ΔW on the CPU in float64 gives the GPU's nmse to 5.6e-7 relative."""
     model_dir, cache_path = qwen2_fp16 if cache_kind == "fp16" else qwen2
     cache, mdir = XYCache(cache_path), ModelDir(model_dir)
     grid = build_grid([0, 8], parse_qspecs("nvfp4@16,int4_asym@32"), "full")
@@ -359,5 +361,5 @@ def test_metrics_on_cuda_match_float64_reference(qwen2, qwen2_fp16, cache_kind):
             ref = reference_metrics(x, y, w_tilde, b)
             got = results[(target.layer, target.block, target.proj)][cfg.key]
             for name, value in ref.items():
-                rel = 5e-4 if name.startswith("token_") else 1e-4
+                rel = 2 * 2.0**-11 if cache_kind == "fp16" else 5e-4 if name.startswith("token_") else 1e-4
                 assert got[name] == pytest.approx(value, rel=rel), (target.path, cfg.key, name)
