@@ -259,11 +259,9 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms:
                 _check_finite(x, cache, entry.x_key)
         x_op = (x_stored, 1.0) if exact_x else mm.prepare(x)
         if exact_x:
-            # hi and lo products summed in float32, not fused: addmm's C operand is not
-            # guaranteed to stay float32 beside 16-bit inputs (bench/addmm_probe.py)
             ref = mm(x_op, w_parts[0])
             for part in w_parts[1:]:
-                ref += mm(x_op, part)
+                ref = mm(x_op, part, add=ref)
             if b is not None:
                 ref.add_(b)
         else:
