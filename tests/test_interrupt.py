@@ -198,13 +198,13 @@ def test_demo_resumes_after_an_interruption(demo_model_dir, tmp_path, monkeypatc
     """A demo killed after smoothing: the rerun reuses the smoothed model, cleans the temp report, and says so.
 
     The kill itself is exercised per step above; here its aftermath is laid out by hand.
-    The rankings are stubbed (matplotlib would dominate the time).
+    The analysis step (rankings, heatmaps, HTML) is stubbed: matplotlib would dominate the time.
     """
+    from tokenwise_harness.demo import job
     from tokenwise_harness.demo.job import run_demo
     from tokenwise_harness.errors import HarnessError
-    from tokenwise_harness.report import analyze
 
-    monkeypatch.setattr(analyze, "analyze", lambda report, out_dir: [])
+    monkeypatch.setattr(job, "run_analysis", lambda out, nocalib, smooth, progress=False: {"analysis_html": out})
     kw = dict(model_dir=demo_model_dir, cn=2, eu=2, length=16, ranks="8", qspecs="nvfp4@16")
     if "harness" in inspect.signature(run_demo).parameters:
         kw["harness"] = False  # the demo's pytest step is not what this test is about
