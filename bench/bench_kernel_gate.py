@@ -13,7 +13,8 @@ a synthetic compact X/Y cache of 16,640 tokens, then times, each as its own pyte
   weight_kernel    --weight-quantizer bench.user_kernel:svdq (independent torch SVDQuant: its own
                    float64 Gram eigh once per weight, its own casts; nothing reused across runs)
   torchao          --weight-quantizer torchao (torchao's NVFP4 cast), when torchao is installed
-  model_level      --quantizer tokenwise_harness.numerics.svdq:fake_op (whole model per config)
+  model_level      --quantizer tokenwise_harness.numerics.svdq:fake_op (per config; under -k the model
+                   holds only layer 35, the other layers empty placeholders: run.Evaluation.model)
 
 The digest memo is warmed first (a checkpoint's bytes are hashed once per machine, whichever
 path runs). Ratios against builtin_cold are the issue's targets: weight_kernel <= 1.5x,

@@ -131,3 +131,44 @@ def test_pytest_k_one_layer(demo_model_dirs, caches, pytester, monkeypatch):
     assert len(selected["cases"]) == 7 and all("layer1-" in case for case in selected["cases"])
     assert list(selected["by_layer"]) == ["1"] and sorted(every["by_layer"]) == ["0", "1"]
     assert selected["by_layer"]["1"] == every["by_layer"]["1"]  # every metric of every selected case
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16", "fp16"])
+def test_kept_layer_equals_from_pretrained(dtype, demo_model_dirs):
+    """The kept layer's tensors and dtype are from_pretrained's, for every --torch-dtype."""
+    import torch
+
+    from tokenwise_harness.checkpoint import ModelDir, load_model, load_model_layers
+
+    mdir = ModelDir(demo_model_dirs["qwen2"])
+    full, partial = load_model(mdir, dtype), load_model_layers(mdir, {0}, dtype)
+    want, got = full.model.layers[0].state_dict(), partial.model.layers[0].state_dict()
+    assert want.keys() == got.keys() and any(k.endswith(".bias") for k in got)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert not list(partial.model.layers[1].parameters())
+
+
+def test_bin_checkpoint_and_all_layers_load_whole(demo_model_dirs, tmp_path):
+    """A .bin checkpoint has no per-tensor reader: None, and the caller loads the whole model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tokenwise_harness.checkpoint import ModelDir, load_model_layers
+
+    src = Path(demo_model_dirs["llama"])
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    torch.save(load_file(str(src / "model.safetensors")), tmp_path / "pytorch_model.bin")
+    assert load_model_layers(ModelDir(tmp_path), {1}) is None
+    assert load_model_layers(ModelDir(src), {0, 1}) is None  # every layer: the whole load, as without -k
+
+
+def test_more_layers_asked_later(demo_model_dirs, caches):
+    """A model holding layer 1 is reused for layer 1; asking for layer 0 too gives the whole model."""
+    ev = _evaluation(demo_model_dirs["qwen3"], caches["qwen3"])
+    first = ev.model({1})
+    assert ev.model({1}) is first and ev._model_layers == {1}
+    whole = ev.model({0})
+    assert whole is not first and ev._model_layers is None and not any(p.is_meta for p in whole.parameters())
