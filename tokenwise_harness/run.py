@@ -192,6 +192,10 @@ class Evaluation:
             wanted |= have or set()
             partial = load_model_layers(self.mdir, wanted, self.spec.torch_dtype)
         if partial is not None:
+            from tokenwise_harness import engine
+
+            # The layers left out are never instantiated: compare the cache with the shards' projections.
+            engine.check_alignment(self.cache, self.mdir.targets(), self.spec.model_flag)
             if self.spec.smooth:
                 from tokenwise_harness.calib.smooth import attach_smooth_factors
 
