@@ -11,6 +11,7 @@ transformers above all) stay loaded and keep one identity across runs.
 
 import gc
 import json
+import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -196,7 +197,7 @@ def test_baselines_missing_create_pass_regress(pytester, harness, demo):
     # each case: "no baseline" as its outcome, nothing repeated; the session: one message
     for cid in case_ids(projs=["q_proj"]):
         assert failure_text(result, cid) == "no baseline"
-        assert f"FAILED tokenwise::{cid} - no baseline" in result.outlines
+        assert f"NO BASELINE tokenwise::{cid} - no baseline" in result.outlines  # short summary
     assert text.count(f"baselines/{demo.model_id}") == 2, text  # the header and the one message
     message = result.outlines.index(
         f"tokenwise: 4 cases of 4 have no baseline in baselines/{demo.model_id}/; create them (existing baselines "
@@ -205,6 +206,9 @@ def test_baselines_missing_create_pass_regress(pytester, harness, demo):
     assert (f"--model-dir={demo.model} --xy-path={demo.cache} --ranks 8,16 --qspecs nvfp4@16 -k q_proj "
             in command) and command.endswith(" --update-baselines-new")
     assert result.outlines[message + 2].startswith("=") and "4 failed" in result.outlines[message + 2]
+    verbose = harness("-k", "q_proj and layer1", "-v")
+    verbose.assert_outcomes(failed=2)
+    assert sum(bool(re.search(r" NO BASELINE +\[ *\d+%\]$", line)) for line in verbose.outlines) == 2, output(verbose)
     report_path = pytester.path / "nobase.json"
     harness("-k", "q_proj and layer0", f"--tokenwise-report={report_path}")
     verdicts = {v["verdict"] for v in report.load_report(report_path)["cases"].values()}
@@ -258,7 +262,8 @@ def test_missing_baselines_command_works_when_pasted(pytester, demo):
             "--grid-mode", "full", "--rootdir", str(pytester.path)]  # --rootdir: the space form is then harmless
     result = pytester.runpytest(*args)
     result.assert_outcomes(failed=3)  # layer1 up_proj: rank16 x nvfp4@16 and rank16 alone
-    selected = {line.split("::", 1)[1].split(" ")[0] for line in result.outlines if line.startswith("FAILED")}
+    selected = {line.split("::", 1)[1].split(" ")[0] for line in result.outlines
+                if line.startswith("NO BASELINE tokenwise::")}
     assert len(selected) == 3
     message = next(i for i, line in enumerate(result.outlines) if line.startswith("tokenwise: 3 cases of 3 have no"))
     assert f"no baseline in elsewhere/{demo.model_id}/;" in result.outlines[message]

@@ -95,6 +95,10 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return _call(config, "header")
 
 
+def pytest_report_teststatus(report, config):
+    return _call(config, "teststatus", report)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int, config: pytest.Config) -> None:
     _call(config, "terminal_summary", terminalreporter)
 

@@ -430,6 +430,15 @@ class HarnessSession:
         return [self._store(v).dir for v in self.variants]
 
     # ------------------------------------------------------------ terminal
+    def teststatus(self, report: pytest.TestReport) -> tuple | None:
+        """A case without a baseline: still a failure (counted, exit code 1), shown as
+        NO BASELINE under -v; None leaves every other report to pytest."""
+        if report.failed:
+            payload = xdist.received(report)
+            if payload is not None and payload["verdict"] == NO_BASELINE:
+                return "failed", "F", ("NO BASELINE", {"yellow": True})
+        return None
+
     def header(self) -> list[str]:
         return _usage(lambda: terminal.header(self))
 
