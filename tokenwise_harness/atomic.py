@@ -48,17 +48,32 @@ def check_writable_dir(directory: Path, flag: str, create: bool = True) -> Path:
     return directory
 
 
-def check_output_file(path: Path, flag: str, inputs: Inputs = (), stores: Inputs = ()) -> Path:
+def check_output_file(path: Path, flag: str, inputs: Inputs = (), stores: Inputs = (), create: bool = True) -> Path:
     """Fail early (before any heavy work) when `path` cannot become an output file.
 
     `inputs` / `stores`: see check_not_input (an output never lands on the run's inputs).
+    create=False leaves a missing directory to be made when the file is written (pytest writes
+    its artifacts at session end): its nearest existing ancestor must then be writable.
     """
     path = Path(path)
     check_not_input(path, flag, inputs, stores)
-    check_writable_dir(path.parent, flag, create=True)
+    if create:
+        check_writable_dir(path.parent, flag, create=True)
+    else:
+        _check_creatable(path.parent, flag)
     if path.is_dir():
         raise HarnessError(f"{flag}: {path} is a directory; give a file path")
     return path
+
+
+def _check_creatable(directory: Path, flag: str) -> None:
+    """HarnessError unless `directory` exists writable, or could be created (without creating it)."""
+    parent = directory.resolve()
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HarnessError(f"{flag}: {parent} is not a directory, so {directory} cannot be created")
+    check_writable_dir(parent, flag, create=False)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 from tokenwise_harness import __version__
 from tokenwise_harness.allowlist import Target
 from tokenwise_harness.cache import XYCache
-from tokenwise_harness.calib.smooth import SMOOTH_META_FILE
-from tokenwise_harness.checkpoint import ModelDir, load_model, load_model_layers, resolve_torch_dtype
+from tokenwise_harness.checkpoint import SMOOTH_META_FILE, ModelDir, load_model, load_model_layers, resolve_torch_dtype
 from tokenwise_harness.device import pick_device
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks

@@ -280,8 +280,7 @@ def _write(report, result, path: Path, log) -> Path:
 def _same_smoothing(smoothed: Path, model_dir, cache: Path, alpha: float) -> bool:
     """Whether a smoothed dir left by an earlier demo run is what smoothing now would write."""
     from tokenwise_harness.cache import XYCache
-    from tokenwise_harness.calib.smooth import SMOOTH_META_FILE
-    from tokenwise_harness.checkpoint import ModelDir
+    from tokenwise_harness.checkpoint import SMOOTH_META_FILE, ModelDir
 
     try:
         meta = json.loads((smoothed / SMOOTH_META_FILE).read_text(encoding="utf-8"))

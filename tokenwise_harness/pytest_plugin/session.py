@@ -149,22 +149,17 @@ class HarnessSession:
         """An artifact option's path, checked now: relative to where pytest was invoked (as
         --junitxml), never an input or inside the baseline store, its directory creatable
         (created at session end)."""
-        from tokenwise_harness.atomic import check_not_input
+        from tokenwise_harness.atomic import check_output_file
         from tokenwise_harness.cache_store import resolve_root
 
         opt = self.config.getoption
         if not opt(flag):
             return None
-        path = Path(self.config.invocation_params.dir, opt(flag))
-        check_not_input(path, flag, inputs=[
+        return check_output_file(Path(self.config.invocation_params.dir, opt(flag)), flag, inputs=[
             *((v.flag, v.model_dir) for v in self.variants), ("--xy-path", self.xy_path),
             ("--thresholds", self.thresholds.source_path),
             ("--tokenwise-cache-dir", resolve_root(opt("--tokenwise-cache-dir")))],
-            stores=[("--baselines-dir", self.baselines_root)])
-        if path.is_dir():
-            raise HarnessError(f"{flag} {path} is a directory; give a file path")
-        _check_creatable(path.parent, flag)
-        return path
+            stores=[("--baselines-dir", self.baselines_root)], create=False)
 
     def _variants(self) -> list[Variant]:
         opt = self.config.getoption
@@ -589,15 +584,3 @@ def _check_rootdir(config: pytest.Config) -> None:
     raise HarnessError(f"pytest took the value of `{opt} {value}` for a test path when choosing its rootdir: "
                        f"it got {config.rootpath} instead of {rootpath} ({ini}); write {opt}={value} "
                        "(with '=': pytest learns plugin options too late), or give --rootdir")
-
-
-def _check_creatable(directory: Path, flag: str) -> None:
-    """HarnessError unless `directory` exists writable, or could be created (without creating it)."""
-    from tokenwise_harness.atomic import check_writable_dir
-
-    parent = directory.resolve()
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise HarnessError(f"{flag}: {parent} is not a directory, so {directory} cannot be created")
-    check_writable_dir(parent, flag, create=False)
