@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -32,13 +31,16 @@ from typing import TYPE_CHECKING
 
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.safetensors_io import DTYPES as _DTYPES
+from tokenwise_harness.safetensors_io import ITEMSIZE as _ITEMSIZE
+from tokenwise_harness.safetensors_io import FormatError, ParallelReader, piece_size, read_header
+from tokenwise_harness.safetensors_io import byte_view as _byte_view
 
 if TYPE_CHECKING:
     import torch
 
 FORMAT_VERSION = "1"
 _ST_DTYPES = {"fp16": "F16", "fp32": "F32", "bf16": "BF16"}
-_ITEMSIZE = {"F16": 2, "F32": 4, "BF16": 2, "F64": 8}
 
 
 def have_safetensors() -> bool:
@@ -134,28 +136,6 @@ def _raw_bytes(t):
     return t.contiguous().view(-1).view(torch_uint8()).numpy()
 
 
-def _entry_problem(info) -> str | None:
-    """Why a safetensors header entry is unusable (None: it is fine): wrong types, a byte range
-    that is not [begin, end] or does not match the shape of a float tensor."""
-    if not isinstance(info, dict):
-        return "not an object"
-    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if not isinstance(dtype, str):
-        return "dtype is not a string"
-    if not isinstance(shape, list) or not all(_count(d) for d in shape):
-        return "shape is not a list of non-negative integers"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
-            and offsets[0] <= offsets[1]):
-        return "data_offsets is not [begin, end]"
-    if dtype in _ITEMSIZE and offsets[1] - offsets[0] != math.prod(shape) * _ITEMSIZE[dtype]:
-        return f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}"
-    return None
-
-
-def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 # safetensors and torch spellings of the float dtypes a cache may hold.
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "torch.float16", "torch.bfloat16", "torch.float32", "torch.float64"}
 
@@ -201,38 +181,20 @@ class XYCache:
     # -- header / metadata
     def _load_safetensors_header(self) -> None:
         try:
-            with open(self.path, "rb") as fh:
-                raw = fh.read(8)
-                if len(raw) < 8:
-                    raise ValueError("file shorter than the 8-byte header length")
-                (hlen,) = struct.unpack("<Q", raw)
-                size = os.fstat(fh.fileno()).st_size
-                if hlen > min(size - 8, 100 << 20):
-                    raise ValueError("header length runs past the end of the file")
-                header = json.loads(fh.read(hlen))
-                if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
-                    raise ValueError("the header is not a JSON object of tensors")
-        except RecursionError:
-            raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file (its header nests too "
-                               "deeply); re-create it with `tokenwise-precision save_xy`") from None
-        except (OSError, ValueError) as exc:
+            header = read_header(self.path)
+        except FormatError as exc:
+            if exc.kind == "entry":
+                raise HarnessError(f"{self.flag} {self.path}: tensor {exc.tensor!r} has a malformed header entry "
+                                   f"({exc}); re-create it with `tokenwise-precision save_xy`") from None
+            if exc.kind == "truncated":
+                raise HarnessError(f"{self.flag} {self.path} is truncated ({exc}); re-create it with "
+                                   "`tokenwise-precision save_xy`") from None
             raise HarnessError(f"{self.flag} {self.path} is not a readable safetensors file ({exc}); "
                                "re-create it with `tokenwise-precision save_xy`") from None
-        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
-        self.shapes = {}
-        self.offsets: dict[str, int] = {}  # tensor name -> absolute file offset of its first byte
-        end = 0
-        for key, info in header.items():
-            problem = _entry_problem(info)
-            if problem:
-                raise HarnessError(f"{self.flag} {self.path}: tensor {key!r} has a malformed header entry "
-                                   f"({problem}); re-create it with `tokenwise-precision save_xy`")
-            self.shapes[key] = (info["dtype"], tuple(info["shape"]))
-            self.offsets[key] = 8 + hlen + info["data_offsets"][0]
-            end = max(end, info["data_offsets"][1])
-        if 8 + hlen + end > size:
-            raise HarnessError(f"{self.flag} {self.path} is truncated ({size} bytes, header promises "
-                               f"{8 + hlen + end}); re-create it with `tokenwise-precision save_xy`")
+        self.metadata = header.metadata
+        self.shapes = {key: (info.dtype, info.shape) for key, info in header.tensors.items()}
+        # tensor name -> absolute file offset of its first byte
+        self.offsets: dict[str, int] = {key: info.offset for key, info in header.tensors.items()}
         self._pt = None
 
     def _load_pt(self) -> None:
@@ -403,17 +365,19 @@ class XYCache:
         stored = self.shapes[key][0]
         return getattr(torch, _TORCH_DTYPES.get(stored, stored.replace("torch.", "")))
 
-    def stream(self, keys: list[str | None], chunk_tokens: int,
-               device: str) -> Iterator[tuple[int, int, list[torch.Tensor | None]]]:
+    def stream(self, keys: list[str | None], chunk_tokens: int, device: str, *, threads: int | None = None,
+               piece_bytes: int | None = None) -> Iterator[tuple[int, int, list[torch.Tensor | None]]]:
         """Yield (start, end, [rows of each key on `device`]) over every token, chunk by chunk.
 
         The fast path for the engine: each chunk is read with plain positioned reads into a
         reusable buffer (pinned on CUDA, copied to the device asynchronously) by background
-        threads, one per key, while the caller computes on the previous chunk; with `verify`
-        the same threads hash the bytes in order. Host memory stays at two chunks per key,
-        and no file pages are mapped into the process. A None key yields None. `chunk_tokens`
-        beyond the cache's token count is clamped to it (a huge --chunk_tokens allocates no more
-        than the cache holds).
+        threads while the caller computes on the previous chunk; each key's rows of a chunk are
+        split into pieces read side by side (`threads` readers, default one per core up to 16;
+        `piece_bytes` each, default sized from the chunk), since one reading thread is slower
+        than the file system. With `verify` the bytes are hashed in file order as they land.
+        Host memory stays at two chunks per key, and no file pages are mapped into the process.
+        A None key yields None. `chunk_tokens` beyond the cache's token count is clamped to it
+        (a huge --chunk_tokens allocates no more than the cache holds).
         """
         chunk_tokens = max(1, min(int(chunk_tokens), self.n_tokens))
         if self._pt is not None or not all(k is None or k in self.offsets for k in keys):
@@ -421,7 +385,7 @@ class XYCache:
                 end = min(start + chunk_tokens, self.n_tokens)
                 yield start, end, [None if k is None else self.rows(k, start, end).to(device) for k in keys]
             return
-        yield from _ChunkStream(self, [k for k in keys], chunk_tokens, device)
+        yield from _ChunkStream(self, list(keys), chunk_tokens, device, threads, piece_bytes)
 
     def _hash_rows(self, key: str, start: int, t) -> None:
         running = hashlib.sha256() if start == 0 else self._streams.get(key, (None, None))[1]
@@ -477,18 +441,27 @@ class XYCache:
                                f"(fingerprint {stored[:12]} != {fingerprint[:12]}); refresh it: {refresh_hint}")
 
 
-_TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+_TORCH_DTYPES = {name: torch_name for name, (_, torch_name) in _DTYPES.items()}
 
 
 class _ChunkStream:
-    """Double-buffered, prefetching reader behind XYCache.stream (see there)."""
+    """Double-buffered, prefetching reader behind XYCache.stream (see there).
 
-    def __init__(self, cache: XYCache, keys: list[str | None], chunk_tokens: int, device):
+    Each key's rows of one chunk are one byte range; it is read as several positioned reads
+    side by side (safetensors_io.ParallelReader, `threads` workers, `piece_bytes` each), every
+    piece straight into its place in the key's buffer for that slot. A key that is verified
+    here has its own one-thread hasher, which hashes a chunk once all its pieces have landed,
+    chunk after chunk in order, while the caller computes on the previous chunk.
+    """
+
+    def __init__(self, cache: XYCache, keys: list[str | None], chunk_tokens: int, device,
+                 threads: int | None = None, piece_bytes: int | None = None):
         import torch
 
         self.cache, self.keys, self.chunk, self.device = cache, keys, chunk_tokens, torch.device(device)
         self.cuda = self.device.type == "cuda"
-        live = [k for k in keys if k is not None]
+        self.threads, self.piece_bytes = threads, piece_bytes
+        live = list(dict.fromkeys(k for k in keys if k is not None))
         self.buffers = [{k: torch.empty((chunk_tokens, cache.shapes[k][1][1]),
                                         dtype=getattr(torch, _TORCH_DTYPES[cache.shapes[k][0]]),
                                         pin_memory=self.cuda) for k in live} for _ in range(2)]
@@ -500,44 +473,46 @@ class _ChunkStream:
         from concurrent.futures import ThreadPoolExecutor
 
         starts = list(range(0, self.cache.n_tokens, self.chunk))
+        chunk_bytes = sum(b[0].numel() * b[0].element_size() for b in self.buffers[0].values())
+        reader = ParallelReader(self.threads, self.piece_bytes)
+        if self.piece_bytes is None:
+            reader.piece_bytes = piece_size(chunk_bytes, reader.threads)
+        hash_pools = {k: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwise-hash") for k in self.hashers}
         fd = os.open(self.cache.path, os.O_RDONLY)
-        live = [k for k in self.keys if k is not None]
         try:
-            with ThreadPoolExecutor(max_workers=max(1, len(live))) as pool:
-                pending = self._submit(pool, fd, starts, 0)
-                for i, start in enumerate(starts):
-                    for f in pending:
-                        f.result()
-                    pending = self._submit(pool, fd, starts, i + 1) if i + 1 < len(starts) else []
-                    yield start, min(start + self.chunk, self.cache.n_tokens), self._to_device(i, start)
+            pending = self._submit(reader, hash_pools, fd, starts, 0)
+            for i, start in enumerate(starts):
+                for f in pending:
+                    f.result()
+                pending = self._submit(reader, hash_pools, fd, starts, i + 1) if i + 1 < len(starts) else []
+                yield start, min(start + self.chunk, self.cache.n_tokens), self._to_device(i, start)
         finally:
+            reader.close()  # joins every read before the descriptor is closed
+            for pool in hash_pools.values():
+                pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
         for key, h in self.hashers.items():
             self.cache._check_digest(key, h.hexdigest())
 
-    def _submit(self, pool, fd, starts, i):
+    def _submit(self, reader, hash_pools, fd, starts, i):
+        """Queue the pieces of chunk i of every key into slot i % 2 (each piece first waits for
+        that slot's last copy to the device), and each verified key's hash of it."""
         start = starts[i]
         n = min(self.chunk, self.cache.n_tokens - start)
         slot = i % 2
         event = self.events[slot]
-        return [pool.submit(self._read, fd, key, start, n, slot, event) for key in self.buffers[slot]]
-
-    def _read(self, fd, key, start, n, slot, event):
-        """Read rows [start, start+n) of `key` into its buffer in `slot` (after that slot's last copy)."""
-        if event is not None:
-            event.synchronize()
-        buf = self.buffers[slot][key][:n]
-        view = memoryview(buf.view(-1).view(torch_uint8()).numpy())
-        row_bytes = buf.shape[1] * buf.element_size()
-        offset, done = self.cache.offsets[key] + start * row_bytes, 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise HarnessError(f"{self.cache.flag} {self.cache.path}: unexpected end of file reading {key}; "
-                                   "re-create it with `tokenwise-precision save_xy`")
-            done += got
-        if key in self.hashers:
-            self.hashers[key].update(view)
+        before = event.synchronize if event is not None else None
+        futures = []
+        for key, buf in self.buffers[slot].items():
+            view = _byte_view(buf[:n])
+            row_bytes = buf.shape[1] * buf.element_size()
+            what = (f"{self.cache.flag} {self.cache.path}: unexpected end of file reading {key}; "
+                    "re-create it with `tokenwise-precision save_xy`")
+            parts = reader.submit(fd, view, self.cache.offsets[key] + start * row_bytes, what, before)
+            futures += parts
+            if key in hash_pools:
+                futures.append(hash_pools[key].submit(_hash_after, parts, self.hashers[key], view))
+        return futures
 
     def _to_device(self, i, start):
         import torch
@@ -557,3 +532,9 @@ class _ChunkStream:
             self.events[slot].record()
         return out
 
+
+def _hash_after(parts, hasher, view) -> None:
+    """Hash one chunk of one key once all its pieces have landed (in chunk order: one thread per key)."""
+    for f in parts:
+        f.result()
+    hasher.update(view)

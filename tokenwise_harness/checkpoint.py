@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.safetensors_io import FormatError, TensorInfo, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +68,7 @@ class ModelDir:
         if not self.weight_files:
             raise HarnessError(f"{flag} {self.path} has no weight files (model.safetensors, "
                                "model.safetensors.index.json or pytorch_model.bin)")
+        self._tensor_info: dict[Path, dict[str, TensorInfo]] = {}  # shard -> its header (safetensors_index)
         self.config  # noqa: B018  (a config.json that is not an object fails here, in one line)
         self.safetensors_index  # noqa: B018  (a corrupt shard fails here in one line, naming the file)
 
@@ -133,38 +135,44 @@ class ModelDir:
         """tensor name -> shard file, or None when the checkpoint is not safetensors.
 
         With an index file, its weight_map decides which shard holds a tensor (a tensor that
-        also sits in another file is read from the named shard only)."""
+        also sits in another file is read from the named shard only). Only the shards' headers
+        are read here (safetensors_io.read_header); read() uses them to find each tensor's bytes."""
         shards = [f for f in self.weight_files if f.suffix == ".safetensors"]
         if not shards:
             return None
-        from safetensors import safe_open
-
         index_file = self.path / "model.safetensors.index.json"
         named = (self._weight_map(index_file) if len(shards) > 1 or shards[0].name != "model.safetensors"
                  else None)
         index: dict[str, Path] = {}
         for shard in shards:
             try:
-                with safe_open(str(shard), framework="pt") as fh:
-                    for key in fh.keys():
-                        if named is None or named.get(key) == shard.name:
-                            index[key] = shard
-                            if key.endswith(".weight") and parse_target(key[: -len(".weight")]) is not None:
-                                shape = tuple(fh.get_slice(key).get_shape())
-                                if len(shape) != 2:
-                                    raise HarnessError(f"{self.flag} {self.path}: {key} in {shard.name} has shape "
-                                                       f"{shape}, not the 2-D [out, in] of a linear weight; re-save "
-                                                       "the model")
-            except HarnessError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types
-                raise HarnessError(f"{self.flag}: weight file {shard} is unreadable ({exc}); re-save the model") from None
+                header = read_header(shard)
+            except FormatError as exc:
+                if exc.kind == "truncated":
+                    raise HarnessError(f"{self.flag}: weight file {shard} is truncated ({exc}); copy the whole "
+                                       "checkpoint again") from None
+                what = f"tensor {exc.tensor!r} has a malformed header entry: {exc}" if exc.tensor else str(exc)
+                raise HarnessError(f"{self.flag}: weight file {shard} is unreadable ({what}); re-save the model") from None
+            self._tensor_info[shard] = header.tensors
+            for key, info in header.tensors.items():
+                if named is None or named.get(key) == shard.name:
+                    index[key] = shard
+                    if key.endswith(".weight") and parse_target(key[: -len(".weight")]) is not None \
+                            and len(info.shape) != 2:
+                        raise HarnessError(f"{self.flag} {self.path}: {key} in {shard.name} has shape "
+                                           f"{info.shape}, not the 2-D [out, in] of a linear weight; re-save "
+                                           "the model")
         if named is not None:
             absent = sorted(set(named) - set(index))
             if absent:
                 raise HarnessError(f"{self.flag}: {index_file} places {absent[0]} in {named[absent[0]]}, which does "
                                    "not hold it; re-save the model")
         return index
+
+    def tensor_info(self, name: str) -> TensorInfo | None:
+        """dtype, shape and byte range of one stored tensor (None if absent)."""
+        shard = (self.safetensors_index or {}).get(name)
+        return None if shard is None else self._tensor_info[shard][name]
 
     def tensor_id(self, name: str) -> str | None:
         """A content id of one stored tensor (its file's digest and its name), None if absent.
@@ -192,15 +200,14 @@ class ModelDir:
         return sorted(found, key=Target.sort_key)
 
     def read(self, name: str, device: str = "cpu") -> torch.Tensor | None:
-        """One tensor from the shards (None if absent)."""
+        """One tensor from the shards (None if absent), read by positioned reads of exactly its
+        bytes (safetensors_io.read_tensor): the shard is never mapped into the process, so host
+        memory holds this tensor (on CUDA: a few pinned staging pieces), not the file's pages."""
         index = self.safetensors_index or {}
         shard = index.get(name)
         if shard is None:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(shard), framework="pt", device=str(device)) as fh:
-            return fh.get_tensor(name)
+        return read_tensor(shard, name, self._tensor_info[shard][name], str(device), flag=self.flag)
 
 
 def resolve_torch_dtype(text: str | None, flag: str = "--torch_dtype") -> torch.dtype | str:
@@ -304,14 +311,12 @@ def _auto_dtype(config, model_dir: ModelDir) -> torch.dtype:
         dtype = getattr(torch, dtype, None)
     if isinstance(dtype, torch.dtype):
         return dtype
-    from safetensors import safe_open
+    from tokenwise_harness.safetensors_io import torch_dtype
 
-    for name, shard in sorted((model_dir.safetensors_index or {}).items()):
-        with safe_open(str(shard), framework="pt") as fh:
-            kind = fh.get_slice(name).get_dtype()
-        table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-        if kind in table:
-            return table[kind]
+    for name in sorted(model_dir.safetensors_index or {}):
+        kind = torch_dtype(model_dir.tensor_info(name).dtype)
+        if kind is not None and kind.is_floating_point and kind.itemsize >= 2:
+            return kind
     return torch.float32
 
 
