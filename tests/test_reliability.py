@@ -188,6 +188,13 @@ def rm(name: str):
     return lambda model: (model / name).unlink()
 
 
+def cut_shard(name: str, drop: int):
+    def change(model: Path):
+        with open(model / name, "r+b") as fh:
+            fh.truncate((model / name).stat().st_size - drop)
+    return change
+
+
 def write(name: str, text: str):
     return lambda model: (model / name).write_text(text)
 
@@ -430,6 +437,9 @@ CLI_CASES = [
     Cli("eval_fake-model-corrupt-weights",
         eval_args(model=lambda w, t: model_copy(w.model, t, write("model.safetensors", "garbage" * 100))),
         ("--model_dir", "model.safetensors")),
+    Cli("eval_fake-model-shard-truncated",
+        eval_args(model=lambda w, t: model_copy(w.model, t, cut_shard("model.safetensors", 1000))),
+        ("--model_dir", "model.safetensors is truncated", "copy the whole checkpoint")),
     Cli("eval_fake-out-json-read-only", eval_args(**{"--out_json": "/sys/r.json"}), ("--out_json", "/sys is not writable")),
     Cli("eval_fake-out-json-under-file", eval_args(**{"--out_json": lambda w, t: a_file(t) / "r.json"}),
         ("--out_json", "cannot create directory")),

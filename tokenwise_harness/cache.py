@@ -181,7 +181,7 @@ class XYCache:
     # -- header / metadata
     def _load_safetensors_header(self) -> None:
         try:
-            header = read_header(self.path)
+            header = read_header(self.path, sized=_FLOAT_DTYPES)  # any other dtype is refused by name below
         except FormatError as exc:
             if exc.kind == "entry":
                 raise HarnessError(f"{self.flag} {self.path}: tensor {exc.tensor!r} has a malformed header entry "

@@ -29,7 +29,13 @@ DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "
           "U8": (1, "uint8"), "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2")}
 ITEMSIZE = {k: v[0] for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 << 20
-PIECE_MIN, PIECE_MAX = 1 << 20, 32 << 20  # bytes per positioned read
+PIECE_MIN, PIECE_MAX = 2 << 20, 32 << 20  # bytes per positioned read
+
+
+# CUDA weight reads stage through STAGING_SLOTS pinned pieces of STAGING_PIECE bytes per read (with
+# the engine's 4 prefetching workers: 4 x 4 x 8 MiB of pinned host memory, reused by torch's caching
+# host allocator), read side by side and copied to the device as each lands.
+STAGING_PIECE, STAGING_SLOTS = 8 << 20, 4
 
 
 def read_threads() -> int:
@@ -65,9 +71,9 @@ class Header:
     tensors: dict[str, TensorInfo]  # in the header's order
 
 
-def entry_problem(info) -> str | None:
+def entry_problem(info, sized=ITEMSIZE) -> str | None:
     """Why a header entry is unusable (None: it is fine): wrong types, a byte range that is not
-    [begin, end] or does not match the shape of a tensor of a known dtype."""
+    [begin, end] or does not match the shape of a tensor of a dtype in `sized`."""
     if not isinstance(info, dict):
         return "not an object"
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -78,7 +84,7 @@ def entry_problem(info) -> str | None:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
         return "data_offsets is not [begin, end]"
-    if dtype in ITEMSIZE and offsets[1] - offsets[0] != math.prod(shape) * ITEMSIZE[dtype]:
+    if dtype in sized and dtype in ITEMSIZE and offsets[1] - offsets[0] != math.prod(shape) * ITEMSIZE[dtype]:
         return f"{offsets[1] - offsets[0]} bytes for a {dtype} tensor of shape {shape}"
     return None
 
@@ -87,8 +93,10 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_header(path) -> Header:
-    """Parse and validate a safetensors header (reads only the header). Raises FormatError."""
+def read_header(path, sized=ITEMSIZE) -> Header:
+    """Parse and validate a safetensors header (reads only the header). Raises FormatError.
+    `sized`: the dtypes whose byte ranges are checked against their shapes (a caller that
+    refuses other dtypes itself, with its own message, passes the ones it accepts)."""
     try:
         with open(path, "rb") as fh:
             raw = fh.read(8)
@@ -110,7 +118,7 @@ def read_header(path) -> Header:
     metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
     tensors, end = {}, 0
     for key, info in header.items():
-        problem = entry_problem(info)
+        problem = entry_problem(info, sized)
         if problem:
             raise FormatError("entry", problem, key)
         begin, stop = info["data_offsets"]
@@ -211,6 +219,9 @@ def read_tensor(path, name: str, info: TensorInfo, device: str = "cpu", threads:
                            f"support (supported: {', '.join(DTYPES)}); re-save the model in fp32, fp16 or bf16")
     short = (f"{flag}: weight file {path} is truncated (unexpected end of file reading {name}); "
              "copy the whole checkpoint again")
+    if info.nbytes != math.prod(info.shape) * ITEMSIZE[info.dtype]:
+        raise HarnessError(f"{flag}: weight file {path} gives {name} {info.nbytes} bytes for a {info.dtype} tensor of "
+                           f"shape {list(info.shape)}; re-save the model")
     dev = torch.device(device)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -238,9 +249,9 @@ def _read_to_cuda(fd, info: TensorInfo, dtype, dev, short: str, threads, piece_b
     if flat is None:
         return out
     threads = threads or read_threads()
-    step = piece_bytes or piece_size(info.nbytes, threads)
+    step = piece_bytes or STAGING_PIECE
     ranges = pieces(info.nbytes, step)
-    nslots = min(len(ranges), 2 * min(threads, 4))
+    nslots = min(len(ranges), STAGING_SLOTS)
     staging = [torch.empty(min(step, info.nbytes), dtype=torch.uint8, pin_memory=True) for _ in range(nslots)]
     events: list = [None] * nslots
     stream = torch.cuda.current_stream(dev)
