@@ -473,8 +473,11 @@ def config_term(triple: WeightTriple, cfg: SvdqConfig, lowrank, quantize_fn: Cal
     output, W~ or SvdqParts (the residual branch read off the parts).
     """
     from tokenwise_harness.kernels.protocol import SvdqParts
+    from tokenwise_harness.numerics import svdq
 
     w = triple.weight
+    if quantize_fn is svdq.fake_quantize_weight and cfg.afmt is None:
+        return ConfigTerm(svdq.quantization_delta(w, cfg, lowrank, name))  # fused on CUDA, same bits
     if getattr(quantize_fn, "weight_level", False):
         out = quantize_fn(triple.stored, cfg, name=name)
     else:
