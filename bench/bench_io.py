@@ -14,6 +14,9 @@ through the harness's own StreamingSafetensorsWriter) and a one-file fp32 checkp
                          threads (k = 1: the old one-read-per-key-per-chunk path), verify off
   stream_verify_GBs      the same at the default thread count with in-stream sha256 verification
   weights_{k}t_GBs       ModelDir.read of every weight to --device with k threads
+  weights_4workers_*     every weight read on 4 threads at once (the engine's prefetch), by
+                         ModelDir.read (pread) and by safetensors' mmap reader (its old path):
+                         seconds and the growth of the process's VmRSS while reading (MiB)
 Each rate is the better of two passes (the first settles the page cache).
 """
 
@@ -143,6 +146,66 @@ def weights_time(model_dir: Path, device: str, threads: str | None) -> tuple[flo
     return time.perf_counter() - t, total
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+
+
+def weights_peak_rss(model_dir: Path, device: str, how: str, workers: int = 4) -> tuple[float, float]:
+    """(seconds, peak VmRSS growth in MiB) reading every weight to `device` on `workers` threads at
+    once, as the engine's prefetch does, each dropped when read. how: 'pread' (ModelDir.read) or
+    'safetensors' (safe_open(device=...).get_tensor, the mmap reader ModelDir.read used before)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from safetensors import safe_open
+
+    from tokenwise_harness.checkpoint import ModelDir
+
+    mdir = ModelDir(model_dir)
+    names = sorted(mdir.safetensors_index)
+    streams = [torch.cuda.Stream() for _ in range(workers)] if device.startswith("cuda") else None
+
+    def one(i, name):
+        ctx = torch.cuda.stream(streams[i % workers]) if streams else _null()
+        with ctx:
+            if how == "pread":
+                w = mdir.read(name, device)
+            else:
+                with safe_open(str(mdir.safetensors_index[name]), framework="pt", device=device) as fh:
+                    w = fh.get_tensor(name)
+            if w.device.type == "cpu":
+                float(w.view(-1)[::512].float().sum())  # touch every page, as the engine's use of it does
+            sync(device)
+            return w.numel()
+
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, range(len(names)), names))
+    secs = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    return secs, round((max(peak[0], rss_bytes()) - base) / 2**20, 1)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def main() -> None:
     import torch
 
@@ -203,6 +266,10 @@ def main() -> None:
         for k in counts:
             secs, total = min(weights_time(model_dir, a.device, str(k)) for _ in range(2))
             record(f"weights_{k}t_GBs", round(total / secs / 1e9, 2))
+        for how in ("safetensors", "pread", "safetensors", "pread"):  # twice each, interleaved
+            secs, grow = weights_peak_rss(model_dir, a.device, how)
+            record(f"weights_4workers_{how}_s", round(secs, 2))
+            record(f"weights_4workers_{how}_rss_growth_MiB", grow)
     finally:
         if not a.keep:
             import shutil
