@@ -369,12 +369,13 @@ class XYCache:
                piece_bytes: int | None = None) -> Iterator[tuple[int, int, list[torch.Tensor | None]]]:
         """Yield (start, end, [rows of each key on `device`]) over every token, chunk by chunk.
 
-        The fast path for the engine: each chunk is read with plain positioned reads into a
-        reusable buffer (pinned on CUDA, copied to the device asynchronously) by background
-        threads while the caller computes on the previous chunk; each key's rows of a chunk are
-        split into pieces read side by side (`threads` readers, default one per core up to 16;
-        `piece_bytes` each, default sized from the chunk), since one reading thread is slower
-        than the file system. With `verify` the bytes are hashed in file order as they land.
+        The fast path for the engine: each chunk is read with plain positioned reads by
+        background threads (on CUDA into a reusable pinned buffer, copied to the device
+        asynchronously; on the CPU straight into the tensor that is yielded) while the caller
+        computes on the previous chunk. Each key's rows of a chunk are split into pieces read
+        side by side (`threads` readers, default one per core up to 16; `piece_bytes` each,
+        default sized from the chunk), since one reading thread is slower than the file system.
+        With `verify` the bytes are hashed in file order as they land.
         Host memory stays at two chunks per key, and no file pages are mapped into the process.
         A None key yields None. `chunk_tokens` beyond the cache's token count is clamped to it
         (a huge --chunk_tokens allocates no more than the cache holds).
@@ -500,6 +501,8 @@ class _ChunkStream:
         start = starts[i]
         n = min(self.chunk, self.cache.n_tokens - start)
         slot = i % 2
+        if not self.cuda and i >= 2:  # the caller owns the CPU tensors yielded from this slot: read into new ones
+            self.buffers[slot] = {k: b.new_empty(b.shape) for k, b in self.buffers[slot].items()}
         event = self.events[slot]
         before = event.synchronize if event is not None else None
         futures = []
@@ -525,8 +528,8 @@ class _ChunkStream:
                 out.append(None)
             elif self.cuda:
                 out.append(self.buffers[slot][key][:n].to(self.device, non_blocking=True))
-            else:
-                out.append(self.buffers[slot][key][:n].clone())
+            else:  # read straight into a tensor the caller keeps (no copy)
+                out.append(self.buffers[slot][key][:n])
         if self.cuda:
             self.events[slot] = torch.cuda.Event()
             self.events[slot].record()
