@@ -4,11 +4,13 @@ and what a scoring process imports. A CPU-sized benchmark (pytest-benchmark) of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,96 @@ def test_scoring_process_imports_no_transformers(small, tmp_path):
         assert not [m for m in imported if m.split(".")[0] == "transformers"]
     assert "eigendecompositions 0" not in runs[0].stdout
     assert "weight bytes hashed 0," in runs[1].stdout and "eigendecompositions 0," in runs[1].stdout
+
+
+# ---------------------------------------------------------------- the fingerprint hashed beside the engine
+
+
+def _gate_hashing(mp, release_after: int, wait_for_digest: bool = False) -> list:
+    """Hold the (real) weight-file hash back until the engine has read `release_after` weights, so
+    the engine provably runs while the fingerprint is unknown; the targets read are returned.
+    wait_for_digest: the release then also waits until the fingerprint is known."""
+    release = threading.Event()
+    real_digest, real_get = memo.file_digest, evaluate.CheckpointWeights.get
+    reads = []
+
+    def held_digest(path):
+        assert release.wait(120)
+        return real_digest(path)
+
+    def get(self, target, device):
+        reads.append(target)
+        if len(reads) == release_after:
+            release.set()
+            if wait_for_digest:
+                self.model_dir._hashing.result(timeout=120)
+        return real_get(self, target, device)
+
+    mp.setattr(memo, "file_digest", held_digest)
+    mp.setattr(evaluate.CheckpointWeights, "get", get)
+    return reads
+
+
+def test_cold_overlap_refuses_another_models_cache_between_weights(tmp_path, small, memo_dir, monkeypatch):
+    """A cold digest memo hashes the fingerprint while the engine runs; a cache captured from
+    another model is still refused with the one-line message of the up-front check (exit 2),
+    before the next weight is read once the digest is known, and nothing is written."""
+    from helpers import files_under, one_line_error, run_cli
+
+    model, cache = small
+    changed = shutil.copytree(model, tmp_path / "changed")
+    w = load_file(str(changed / "model.safetensors"))
+    w["model.norm.weight"] = w["model.norm.weight"] * 1.01  # same shapes, another model
+    save_file(w, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    args = ["eval_fake", f"--model_dir={changed}", f"--xy_path={cache}", f"--out_json={out / 'r.json'}",
+            "--ranks=8", "--qspecs=nvfp4@16", "--device=cpu"]
+    with monkeypatch.context() as mp:
+        reads = _gate_hashing(mp, release_after=2, wait_for_digest=True)
+        line = one_line_error(run_cli(*args))
+    assert "different model" in line and "save_xy" in line
+    assert len(reads) == 2 < len(ModelDir(changed).targets())  # refused before the third weight was read
+    assert memo.COUNTERS["bytes_hashed"] > 0 and files_under(out) == []
+    fresh_process()  # warm digest memo: the up-front check, the same line
+    assert one_line_error(run_cli(*args)) == line and memo.COUNTERS["bytes_hashed"] == 0
+    assert files_under(out) == []
+
+
+def test_cold_overlap_stores_factors_under_their_digest_keys(tmp_path, small, memo_dir, monkeypatch):
+    """Weights decomposed before their file's digest is known skip the store (no lookup under an
+    unknown key) and are put under the digest's key once it is known: the keys match the
+    sha256 of the file computed here, the factors are exact, and a warm rerun hashes 0 bytes,
+    decomposes nothing and reuses every factor."""
+    from tokenwise_harness.cli import main
+
+    model, cache = small
+    targets = ModelDir(model).targets()
+    args = ["eval_fake", f"--model_dir={model}", f"--xy_path={cache}", "--ranks=8,16", "--qspecs=nvfp4@16",
+            "--device=cpu"]
+    with monkeypatch.context() as mp:
+        reads = _gate_hashing(mp, release_after=len(targets))  # every weight read before the digest is known
+        assert main([*args, f"--out_json={tmp_path / 'cold.json'}"]) == 0
+    assert len(reads) == len(targets)
+    c = memo.COUNTERS
+    assert c["lowrank_misses"] == 0 and c["lowrank_hits"] == 0 and lowrank.COUNTS["eigh"] == len(targets)
+    assert c["lowrank_writes"] == len(targets)
+    digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
+    weights = load_file(str(model / "model.safetensors"))
+    store = memo.LowRankStore()
+    for t in targets:
+        w = weights[t.path + ".weight"].double()
+        rank = min(16, *w.shape)
+        stored = store.get(memo.lowrank_key(f"{digest}:{t.path}.weight", None, rank))
+        assert stored is not None, t.path
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        back = lowrank.LowRank.from_factors(stored["L1"], stored["L2"], stored["S"])
+        for r in (8, rank):
+            exact = (U[:, :r] * S[:r]) @ Vh[:r]
+            assert float((back.product(r).double() - exact).norm() / exact.norm()) <= 1e-6
+    fresh_process()
+    assert main([*args, f"--out_json={tmp_path / 'warm.json'}"]) == 0
+    assert c["bytes_hashed"] == 0 and lowrank.COUNTS["eigh"] == 0
+    assert c["lowrank_hits"] == len(targets) and c["lowrank_misses"] == 0
+    assert not [t for t in threading.enumerate() if t.name == "tokenwise-fingerprint" and t.is_alive()]
+    cold, warm = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cold", "warm"))
+    assert warm == cold  # the same numbers and the same meta (fingerprint included)

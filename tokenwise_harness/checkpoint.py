@@ -121,7 +121,14 @@ class ModelDir:
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 over the function-relevant config and the bytes of every weight file."""
+        """sha256 over the function-relevant config and the bytes of every weight file.
+
+        After start_fingerprint: the background hash's result (waited for here), once every
+        callback queued with when_fingerprinted has run."""
+        hashing = self._hashing
+        return hashing.result() if hashing is not None else self._compute_fingerprint()
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256()
         cfg = {k: v for k, v in self.config.items() if k not in VOLATILE_CONFIG_KEYS}
         h.update(json.dumps(cfg, sort_keys=True).encode())
@@ -129,6 +136,62 @@ class ModelDir:
             h.update(f.name.encode())
             h.update(digest)
         return h.hexdigest()
+
+    # The fingerprint hashed beside the engine (the CLI's eval path; run.Evaluation decides).
+    _hashing = None  # a Future of the fingerprint while (or after) a background thread hashes
+    _waiting: list | None = None  # callbacks run when it is known (when_fingerprinted)
+
+    def start_fingerprint(self) -> bool:
+        """Hash the weight files on a background thread when a digest memo lacks one of them;
+        True if it started. With every file's digest memoized (a warm memo) nothing starts:
+        `fingerprint` is then computed on demand as before, reading no weight bytes."""
+        import threading
+
+        if self._hashing is not None or "fingerprint" in self.__dict__:
+            return False
+        from tokenwise_harness.memo import known_digest
+
+        if all(known_digest(f) is not None for f in self.weight_files):
+            return False
+        from concurrent.futures import Future
+
+        self._hashing, self._waiting, self._lock = Future(), [], threading.Lock()
+        threading.Thread(target=self._hash_in_background, name="tokenwise-fingerprint", daemon=True).start()
+        return True
+
+    def _hash_in_background(self) -> None:
+        try:
+            fingerprint = self._compute_fingerprint()
+        except BaseException as exc:  # noqa: BLE001  (re-raised by `fingerprint` in the caller's thread)
+            with self._lock:
+                waiting, self._waiting = self._waiting, None
+            self._hashing.set_exception(exc)
+            return
+        with self._lock:
+            waiting, self._waiting = self._waiting, None  # from now on when_fingerprinted runs at once
+        for fn in waiting:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001, S110  (a memo write that fails is skipped, never an error)
+                pass
+        self._hashing.set_result(fingerprint)
+
+    def fingerprint_if_known(self) -> str | None:
+        """The fingerprint without waiting: None while the background hash still runs."""
+        hashing = self._hashing
+        if hashing is not None and not hashing.done():
+            return None
+        return self.fingerprint
+
+    def when_fingerprinted(self, fn) -> None:
+        """Run fn() once the fingerprint is known (on the hashing thread; at once if it is known):
+        how factors decomposed before a weight's digest was known reach the low-rank store."""
+        if self._hashing is not None:
+            with self._lock:
+                if self._waiting is not None:
+                    self._waiting.append(fn)
+                    return
+        fn()
 
     @cached_property
     def safetensors_index(self) -> dict[str, Path] | None:
@@ -176,10 +239,18 @@ class ModelDir:
 
     def tensor_id(self, name: str) -> str | None:
         """A content id of one stored tensor (its file's digest and its name), None if absent.
-        Costs no hashing beyond the fingerprint's own (memoized) file digests."""
+        Costs no hashing beyond the fingerprint's own (memoized) file digests. While the
+        fingerprint hashes in the background (start_fingerprint), None until its file's digest
+        is known: never a second hash of the same file, never a wait."""
         shard = (self.safetensors_index or {}).get(name)
         if shard is None:
             return None
+        hashing = self._hashing
+        if hashing is not None and not hashing.done():
+            from tokenwise_harness.memo import known_digest
+
+            digest = known_digest(shard)
+            return None if digest is None else f"{digest}:{name}"
         return f"{_file_sha256(shard).hex()}:{name}"
 
     @cached_property

@@ -75,11 +75,29 @@ class CheckpointWeights:
         return self.model_dir.targets()
 
     def content_id(self, target: Target) -> tuple[str, str | None] | None:
-        """(weight id, smoothing id): what the weight's low-rank factors depend on (memo keys)."""
+        """(weight id, smoothing id): what the weight's low-rank factors depend on (memo keys).
+        None when either is not known (absent, or its file's digest still hashing)."""
         weight_id = self.model_dir.tensor_id(target.path + ".weight")
         if weight_id is None:
             return None
-        return weight_id, self.model_dir.tensor_id(target.path + ".smooth_factor") if self.smooth else None
+        if not self.smooth:
+            return weight_id, None
+        smooth_id = self.model_dir.tensor_id(target.path + ".smooth_factor")
+        return None if smooth_id is None else (weight_id, smooth_id)
+
+    def store_later(self, target: Target, rank: int, tensors: dict, store) -> None:
+        """Put factors decomposed before the weight's content id was known (its file's digest
+        still hashing beside the engine) into the store once the fingerprint is known."""
+        from tokenwise_harness import memo
+
+        host = {k: v.detach().to("cpu") for k, v in tensors.items()}
+
+        def put():
+            ids = self.content_id(target)
+            if ids is not None:
+                store.put(memo.lowrank_key(ids[0], ids[1], rank), host)
+
+        self.model_dir.when_fingerprinted(put)
 
     def get(self, target: Target, device) -> WeightTriple:
         import torch
@@ -464,6 +482,8 @@ def _lowrank(source, target: Target, triple: WeightTriple, max_rank: int, store,
     lowrank = LowRank(triple.weight, max_rank)
     if key is not None:
         store.put(key, lowrank.tensors())
+    elif store is not None and hasattr(source, "store_later"):  # the content id is not known yet
+        source.store_later(target, rank, lowrank.tensors(), store)
     return lowrank, True
 
 

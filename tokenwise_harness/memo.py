@@ -63,8 +63,18 @@ def cache_root() -> Path:
     return Path(base) / "tokenwise_harness"
 
 
+# Held while an entry is written: a process that exits without waiting for its threads
+# (cli.console_main) takes it first, so no background write is cut off half-way.
+WRITE_LOCK = threading.Lock()
+
+
 def _write_atomic(final: Path, data: bytes) -> bool:
     """Write `data` under `final` via a temp file + rename; False (and nothing left) on failure."""
+    with WRITE_LOCK:
+        return _write_atomic_unlocked(final, data)
+
+
+def _write_atomic_unlocked(final: Path, data: bytes) -> bool:
     tmp = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +103,8 @@ def _memo_file(identity: tuple) -> Path:
     return cache_root() / "digests" / name[:2] / f"{name}.json"
 
 
-def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file's bytes; read from the memo when the file is unchanged."""
-    path = Path(path)
-    identity = _identity(path)
+def _remembered(identity: tuple) -> str | None:
+    """The digest of a file with this identity from the in-process or the on-disk memo, else None."""
     got = _PROCESS_DIGESTS.get(identity)
     if got is not None:
         return got
@@ -110,6 +118,22 @@ def file_digest(path: Path) -> str:
                 return entry["sha256"]
         except (OSError, ValueError, AttributeError):
             pass
+    return None
+
+
+def known_digest(path: Path) -> str | None:
+    """file_digest(path) when a memo already holds it (no byte of the file is read), else None."""
+    return _remembered(_identity(Path(path)))
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex digest of a file's bytes; read from the memo when the file is unchanged."""
+    path = Path(path)
+    identity = _identity(path)
+    got = _remembered(identity)
+    if got is not None:
+        return got
+    memo = _memo_file(identity) if enabled() else None
     h = hashlib.sha256()
     buf = bytearray(16 << 20)
     view = memoryview(buf)

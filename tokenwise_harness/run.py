@@ -82,6 +82,11 @@ class EvalSpec:
     def from_text(cls, ranks: str, qspecs: str, **kw) -> EvalSpec:
         return cls(ranks=parse_ranks(ranks), qspecs=parse_qspecs(qspecs), **kw)
 
+    @cached_property
+    def mdir(self) -> ModelDir:
+        """The model dir, validated once (validate, Evaluation and the plugin share it)."""
+        return ModelDir(self.model_dir, self.model_flag)
+
     def flag(self, name: str) -> str:
         """The front end's spelling of an option: flag('chunk_tokens') -> --chunk_tokens or --chunk-tokens."""
         return "--" + (name.replace("_", "-") if self.flag_style == "-" else name)
@@ -106,7 +111,7 @@ class EvalSpec:
             for cfg in grid:
                 if cfg.iters > 1:  # the format checks are per config, at scoring (pytest: -k may drop them)
                     quantizers.kernel.check_config(cfg)
-        ModelDir(self.model_dir, self.model_flag)
+        self.mdir  # noqa: B018  (a bad model dir fails here, in one line)
         return quantizers
 
     def quantizers(self) -> Quantizers:
@@ -127,9 +132,12 @@ class EvalSpec:
         return Quantizers()
 
 
-def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
-    """A cache must come from this model (or, for a smoothed dir, from the model it was made from)."""
-    fingerprint = mdir.fingerprint
+def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool, wait: bool = True) -> bool:
+    """A cache must come from this model (or, for a smoothed dir, from the model it was made from).
+
+    True when checked. wait=False (the model's fingerprint still hashing in the background,
+    ModelDir.start_fingerprint): every check that needs no digest is made, and False is returned
+    when the one that does has to wait; call again (the refusal is the same either way)."""
     if not smooth and mdir.smoothed:
         raise HarnessError(f"{mdir.flag} {mdir.path} is a smoothed model dir (W*s in its weights): scoring it as a "
                            f"plain model ignores the smoothing; give it as --smooth_model_dir (eval_smooth; pytest: "
@@ -137,26 +145,49 @@ def check_cache_model(cache: XYCache, mdir: ModelDir, smooth: bool) -> None:
     if smooth and not cache.metadata.get("model_fingerprint"):
         raise HarnessError(f"{cache.flag} {cache.path} has no model_fingerprint, so it cannot be matched with the "
                            f"model {mdir.flag} {mdir.path} was smoothed from; re-capture it with save_xy")
+    fingerprint = None
     if smooth and (mdir.path / SMOOTH_META_FILE).is_file():
-        fingerprint = _read_smooth_meta(mdir).get("source_model_fingerprint", fingerprint)
+        fingerprint = _read_smooth_meta(mdir).get("source_model_fingerprint")
+    if fingerprint is None and cache.metadata.get("model_fingerprint"):  # else nothing to compare
+        fingerprint = mdir.fingerprint if wait else mdir.fingerprint_if_known()
+        if fingerprint is None:
+            return False
     hint = f"tokenwise-precision save_xy --model_dir <the model> --save_path {cache.path.parent} " \
            f"--label {cache.path.stem}"
-    cache.check_model(fingerprint, mdir.flag, hint)
+    cache.check_model(fingerprint or "", mdir.flag, hint)
+    return True
 
 
 class Evaluation:
-    """One model dir scored against one cache (see the module docstring)."""
+    """One model dir scored against one cache (see the module docstring).
 
-    def __init__(self, spec: EvalSpec, cache: XYCache | None = None):
+    overlap_fingerprint (the CLI's run_eval): when the digest memo does not know every weight
+    file, the model's fingerprint is hashed on a background thread while the engine runs
+    instead of before it. What needs the digest then waits for it as follows:
+    * the refusal of a cache captured from another model (check_cache_model) is made as soon
+      as the digest is known: before each weight is read, and at the latest when scoring ends
+      (before any result is returned, so no report is written); same message, same exit;
+    * the low-rank store is keyed by the weight files' digests (ModelDir.tensor_id): a weight
+      read before its file's digest is known is decomposed without a store lookup (on a cold
+      digest memo the store can only hold it if the memo alone was lost; the numbers are the
+      same exact decomposition either way), and its factors are put under their key once the
+      digest is known (engine.CheckpointWeights.store_later), so a rerun finds them all;
+    * the report's meta waits for the fingerprint (`meta`).
+    A warm digest memo starts no thread: the fingerprint is known up front (0 bytes hashed).
+    """
+
+    def __init__(self, spec: EvalSpec, cache: XYCache | None = None, overlap_fingerprint: bool = False):
         self.spec = spec
         self.quantizers = spec.validate()
         self.fake_op, self.kernel = self.quantizers.fake_op, self.quantizers.kernel
         self.grid = spec.grid()
         self.device = pick_device(spec.device, spec.flag("device"))
-        self.mdir = ModelDir(spec.model_dir, spec.model_flag)
+        self.mdir = spec.mdir
         self.cache = cache if cache is not None else XYCache(spec.xy_path, spec.flag("xy_path"),
                                                               verify=not spec.no_verify_cache)
-        check_cache_model(self.cache, self.mdir, spec.smooth)
+        if overlap_fingerprint:
+            self.mdir.start_fingerprint()
+        self._model_checked = check_cache_model(self.cache, self.mdir, spec.smooth, wait=not overlap_fingerprint)
         self._model = None
         self._model_layers: set[int] | None = None  # the decoder layers self._model holds (None: all)
         self._source = None
@@ -210,6 +241,12 @@ class Evaluation:
                                                          self.spec.device_map), None
         return self._model
 
+    def check_model(self, wait: bool = True) -> None:
+        """The cache-from-another-model refusal, once its fingerprint is known (see the class doc);
+        wait=False returns at once while it is still hashing."""
+        if not self._model_checked:
+            self._model_checked = check_cache_model(self.cache, self.mdir, self.spec.smooth, wait=wait)
+
     def _weights(self):
         """The per-weight engine's weight source, made once; its projections must match the cache's."""
         from tokenwise_harness import engine
@@ -221,6 +258,8 @@ class Evaluation:
                 source = engine.ModuleWeights(self.model(), self.spec.smooth)
             engine.check_alignment(self.cache, source.targets(), self.spec.model_flag)
             self._source = source
+        if not self._model_checked:
+            return _CheckedWeights(self._source, self.check_model)
         return self._source
 
     # ------------------------------------------------------------ scoring
@@ -260,10 +299,13 @@ class Evaluation:
                 results = engine.evaluate_grid(self.cache, source, configs, self.spec.chunk_tokens, self.device,
                                                targets=None if whole else list(targets), progress=progress,
                                                quantize_fn=self.kernel)
-        except BaseException:
+        except BaseException as exc:
             self.cache.stop_background()
+            if isinstance(exc, Exception):
+                self.check_model()  # the refusal an up-front check would have made comes first
             raise
         self.cache.wait_verified()
+        self.check_model()  # a fingerprint hashed beside the engine: refuse before anything is returned
         return results
 
     # ------------------------------------------------------------ report meta
@@ -297,19 +339,36 @@ def run_eval(spec: EvalSpec, progress: bool = True, log: Callable[[str], None] =
     """Score the whole grid on every projection; return the §2.5 report (not yet written)."""
     from tokenwise_harness.report import document as report
 
-    ev = Evaluation(spec)
+    ev = Evaluation(spec, overlap_fingerprint=True)
     started = time.perf_counter()
     results = ev.score(progress=progress)
+    seconds = time.perf_counter() - started
     require_finite(results, spec)
-    log(f"eval: {plural(len(results), 'projection')} x {plural(len(ev.grid), 'config')} in {time.perf_counter() - started:.1f} s "
+    meta = ev.meta()  # waits for a fingerprint still hashing (and its store puts): the log counts them
+    log(f"eval: {plural(len(results), 'projection')} x {plural(len(ev.grid), 'config')} in {seconds:.1f} s "
         f"({ev.engine}; {_reuse_line()})")
-    return report.build_report(ev.meta(), results)
+    return report.build_report(meta, results)
+
+
+class _CheckedWeights:
+    """A weight source that makes the cache's model check before each weight is read, as soon as
+    the fingerprint hashed in the background is known (Evaluation's class doc)."""
+
+    def __init__(self, source, check: Callable[..., None]):
+        self._source, self._check = source, check
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+    def get(self, target: Target, device, *args, **kw):
+        self._check(wait=False)
+        return self._source.get(target, device, *args, **kw)
 
 
 def require_finite(results: Results, spec: EvalSpec) -> None:
     """The CLI's verdict on non-finite metrics: an error naming the first one, no report (pytest
-    fails the case instead: verdict.thresholds.Thresholds.check, from the same nonfinite_metrics)."""
-    from tokenwise_harness.verdict.thresholds import NONFINITE_WHY, nonfinite_metrics
+    fails the case instead: verdict.thresholds.Thresholds.check, from the same numerics.metrics.nonfinite_metrics)."""
+    from tokenwise_harness.numerics.metrics import NONFINITE_WHY, nonfinite_metrics
 
     source = next((spec.flag(name) for name in ("quantizer", "weight_quantizer") if getattr(spec, name)),
                   spec.model_flag)

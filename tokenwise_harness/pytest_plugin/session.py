@@ -113,6 +113,7 @@ class HarnessSession:
             lowrank_iters=iters if iters is not None else int(grid_cfg.get("iters", 1)),
             chunk_tokens=opt("--chunk-tokens"), quantizer=opt("--quantizer"),
             weight_quantizer=opt("--weight-quantizer"), torch_dtype=opt("--torch-dtype"), flag_style="-")
+        self._specs: dict = {}  # per variant: run.EvalSpec (its model dir validated once)
         self.variants = self._variants()
         self.device = self._device()
         self.spec_options["device"] = self.device
@@ -200,7 +201,6 @@ class HarnessSession:
         user cache beside the captured caches, keyed by model, data and alpha) and gate it too."""
         from tokenwise_harness.cache_store import CacheStore, smoothed_model
         from tokenwise_harness.calib.smooth import parse_alpha
-        from tokenwise_harness.checkpoint import ModelDir
         from tokenwise_harness.pytest_plugin.progress import log_line
 
         opt = self.config.getoption
@@ -208,7 +208,7 @@ class HarnessSession:
         if not plain:
             raise HarnessError("--smooth-alpha needs --model-dir: it smooths that model on the cache")
         alpha = parse_alpha(opt("--smooth-alpha"), flag="--smooth-alpha")
-        out = smoothed_model(CacheStore(opt("--tokenwise-cache-dir")), ModelDir(plain[0].model_dir, "--model-dir"),
+        out = smoothed_model(CacheStore(opt("--tokenwise-cache-dir")), self.model_dir(plain[0]),
                              self.cache, alpha, build=not self.is_worker, chunk_tokens=self.chunk_tokens,
                              device=self.device, log=log_line(self.config))
         return Variant(True, str(out), "--smooth-alpha")
@@ -216,7 +216,6 @@ class HarnessSession:
     def _captured_cache(self) -> Path:
         """The shared user cache's X/Y cache for --model-dir (cache_store.py); captured when missing."""
         from tokenwise_harness.cache_store import CacheStore, captured_xy
-        from tokenwise_harness.checkpoint import ModelDir
         from tokenwise_harness.pytest_plugin.progress import log_line, progress_stream
 
         plain = [v for v in self.variants if not v.smooth]
@@ -225,7 +224,7 @@ class HarnessSession:
         opt = self.config.getoption
         size = self.capture_size()
         try:
-            return captured_xy(CacheStore(opt("--tokenwise-cache-dir")), ModelDir(plain[0].model_dir, "--model-dir"),
+            return captured_xy(CacheStore(opt("--tokenwise-cache-dir")), self.model_dir(plain[0]),
                                seed=size["seed"], cn=size["cn"], eu=size["eu"], length=size["length"],
                                torch_dtype=opt("--torch-dtype"), device=self.device, compact=not opt("--xy-full"),
                                build=not self.is_worker, progress=progress_stream(self.config), log=log_line(self.config))
@@ -370,27 +369,36 @@ class HarnessSession:
         for (layer, block, proj), metrics in results.items():
             self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
 
-    def _spec(self, variant: Variant, xy_path: str = ""):
+    def _spec(self, variant: Variant):
+        """A variant's EvalSpec, made once: its model dir is validated (and fingerprinted) once per
+        session, whoever asks (configure, the header, the Evaluation, baselines, provenance)."""
         from tokenwise_harness.run import EvalSpec
 
-        return EvalSpec(model_dir=variant.model_dir, xy_path=xy_path, smooth=variant.smooth, model_flag=variant.flag,
-                        **self.spec_options)
+        if variant not in self._specs:
+            self._specs[variant] = EvalSpec(model_dir=variant.model_dir, xy_path="", smooth=variant.smooth,
+                                            model_flag=variant.flag, **self.spec_options)
+        return self._specs[variant]
+
+    def model_dir(self, variant: Variant):
+        """The variant's validated checkpoint.ModelDir (one per session)."""
+        return self._spec(variant).mdir
 
     def evaluation(self, variant: Variant) -> Evaluation:
         """The run module's Evaluation of a variant on the session's cache (made once)."""
         from tokenwise_harness.run import Evaluation
 
         if variant not in self._evaluations:
-            self._evaluations[variant] = Evaluation(self._spec(variant, str(self.cache.path)), self.cache)
+            spec = self._spec(variant)
+            spec.xy_path = str(self.cache.path)
+            self._evaluations[variant] = Evaluation(spec, self.cache)
         return self._evaluations[variant]
 
     # ------------------------------------------------------------ baselines
     def _store(self, variant: Variant):
-        from tokenwise_harness.checkpoint import ModelDir
         from tokenwise_harness.verdict.baselines import BaselineStore, model_id
 
         if variant not in self._stores:
-            mdir = ModelDir(variant.model_dir, variant.flag)
+            mdir = self.model_dir(variant)
             hint = f"`{self.rerun_command('--update-baselines')}`"
             self._stores[variant] = BaselineStore(self.baselines_root, model_id(mdir.name, mdir.fingerprint),
                                                   update=self.update or self.update_new, hint=hint)
@@ -400,11 +408,10 @@ class HarnessSession:
         """This run's provenance for a variant's baselines (computed once per variant)."""
         import torch
 
-        from tokenwise_harness.checkpoint import ModelDir
         from tokenwise_harness.verdict.baselines import build_provenance
 
         if variant not in self._provenance:
-            mdir = ModelDir(variant.model_dir, variant.flag)
+            mdir = self.model_dir(variant)
             on_cuda = self.device.startswith("cuda")
             self._provenance[variant] = dict(build_provenance(
                 model_fingerprint=mdir.fingerprint,

@@ -41,11 +41,9 @@ def _short(path: Path) -> str:
 def run_facts(harness: Any) -> dict[str, str]:
     """{what: text} of the run's inputs: models, cache, thresholds, baselines, grid, device.
     `harness`: the HarnessSession (not imported: session.py imports this module)."""
-    from tokenwise_harness.checkpoint import ModelDir
-
     facts = {}
     for v in harness.variants:
-        mdir = ModelDir(v.model_dir, v.flag)
+        mdir = harness.model_dir(v)
         facts["smoothed model" if v.smooth else "model"] = f"{v.model_dir} (fingerprint {mdir.fingerprint[:12]})"
     if harness.cache is not None:
         facts["cache"] = (f"{harness.cache.path} ({harness.cache.n_tokens:,} tokens, "
