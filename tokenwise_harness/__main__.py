@@ -1,3 +1,3 @@
-from tokenwise_harness.cli import main
+from tokenwise_harness.cli import console_main
 
-raise SystemExit(main())
+console_main()

@@ -13,6 +13,7 @@ A token whose ||Y_t|| is 0 has relative error 0 when ||E_t|| is 0 and +inf other
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where it computes: the names below stay importable without it
@@ -21,6 +22,26 @@ if TYPE_CHECKING:  # torch is imported where it computes: the names below stay i
 # Every metric a projection x config gets, in the order reports, baselines and tables list them.
 METRIC_KEYS = ("nmse", "sqnr_db", "token_l2_mean", "token_l2_max", "token_rel_l2_mean",
                "token_rel_l2_max", "sse", "denom", "n_tokens")
+
+# Every reported metric except sqnr_db (+inf for an exact result, derived from nmse) and the
+# n_tokens count must be a finite number; a NaN or Inf anywhere fails the case (the CLI: an
+# error). None is how reports and baselines write a non-finite value.
+FINITE_METRICS = ("nmse", "token_l2_mean", "token_l2_max", "token_rel_l2_mean", "token_rel_l2_max", "sse", "denom")
+NONFINITE_WHY = "NaN/Inf in the quantized weight, the activations or the error"
+
+
+def nonfinite_metrics(metrics: Mapping[str, object]) -> dict[str, str]:
+    """{metric: value as shown} of the FINITE_METRICS in `metrics` that are NaN, +-inf or null."""
+    bad = {}
+    for metric in FINITE_METRICS:
+        if metric not in metrics:
+            continue
+        value = metrics[metric]
+        if value is None:
+            bad[metric] = "null"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            bad[metric] = repr(value) if not isinstance(value, float) else str(value)
+    return bad
 
 
 class TokenwiseAccumulator:

@@ -39,7 +39,7 @@ import yaml
 from tokenwise_harness.allowlist import PROJ_ORDER
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import GRID_MODES, parse_qspecs, parse_ranks
-from tokenwise_harness.numerics.metrics import METRIC_KEYS, sqnr_db
+from tokenwise_harness.numerics.metrics import METRIC_KEYS, NONFINITE_WHY, nonfinite_metrics, sqnr_db
 from tokenwise_harness.verdict.cases import Case
 
 VERSION = 1
@@ -177,25 +177,6 @@ class Thresholds:
         return failures
 
 
-# Every reported metric except sqnr_db (+inf for an exact result, derived from nmse) and the
-# n_tokens count must be a finite number; a NaN or Inf anywhere fails the case (the CLI: an
-# error). None is how reports and baselines write a non-finite value.
-FINITE_METRICS = ("nmse", "token_l2_mean", "token_l2_max", "token_rel_l2_mean", "token_rel_l2_max", "sse", "denom")
-NONFINITE_WHY = "NaN/Inf in the quantized weight, the activations or the error"
-
-
-def nonfinite_metrics(metrics: Mapping[str, Any]) -> dict[str, str]:
-    """{metric: value as shown} of the FINITE_METRICS in `metrics` that are NaN, +-inf or null."""
-    bad = {}
-    for metric in FINITE_METRICS:
-        if metric not in metrics:
-            continue
-        value = metrics[metric]
-        if value is None:
-            bad[metric] = "null"
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            bad[metric] = repr(value) if not isinstance(value, float) else str(value)
-    return bad
 
 
 def gated_values(metrics: Mapping[str, Any]) -> tuple[dict[str, float], set[str]]:
