@@ -494,6 +494,11 @@ def main(argv=None) -> int:
         else:
             process("big_gate_update_baselines", [*gate_args, "--update-baselines"], env_b, cwd=gate)
             process("big_gate_warm", gate_args, env_b, cwd=gate)
+        # The same warm gate with only the harness's plugin loaded: what a CI gate job pays without the
+        # third-party plugins this machine has installed (hypothesis's imports hypothesis at session end).
+        lean = ["-p", "tokenwise_harness.pytest_plugin.hooks"] + gate_args[2 + len(plugin):]
+        process("big_gate_warm_plugin_autoload_off", [py, "pytest", *lean],
+                {**env_b, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}, cwd=gate)
     return 0
 
 
