@@ -302,15 +302,11 @@ def _size(path: Path) -> int:
 
 def _safetensors_meta(path: Path) -> dict:
     """A safetensors file's `__metadata__`, read from its header (no torch); {} when not one."""
-    import struct
+    from tokenwise_harness.safetensors_io import FormatError, read_header
 
     try:
-        with open(path, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            if n > 100 * 2**20:
-                return {}
-            return json.loads(fh.read(n)).get("__metadata__", {}) or {}
-    except (OSError, ValueError, struct.error, AttributeError):
+        return read_header(path).metadata
+    except FormatError:
         return {}
 
 
