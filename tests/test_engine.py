@@ -17,7 +17,7 @@ from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.grid import build_grid, parse_qspecs
 from tokenwise_harness.numerics.svdq import fake_quantize_weight
 from tokenwise_harness.report import document as report
-from tokenwise_harness.run import EvalSpec, run_eval
+from tokenwise_harness.run import EvalSpec, Evaluation, run_eval
 
 QUIET = dict(progress=False, log=lambda msg: None)
 
@@ -363,3 +363,112 @@ def test_metrics_on_cuda_match_float64_reference(qwen2, qwen2_fp16, cache_kind):
             for name, value in ref.items():
                 rel = 2 * 2.0**-11 if cache_kind == "fp16" else 5e-4 if name.startswith("token_") else 1e-4
                 assert got[name] == pytest.approx(value, rel=rel), (target.path, cfg.key, name)
+
+
+# ---------------------------------------------------------------- one pass over X per input group
+
+
+@pytest.fixture(scope="module")
+def compact(demo_model_dirs, tmp_path_factory):
+    """The qwen2 demo model (q/k/v biases), a compact fp16 cache of it (q/k/v and gate/up share one
+    X key, no Y) and the model smoothed on it."""
+    from tokenwise_harness.calib.smooth import smooth
+
+    out = tmp_path_factory.mktemp("compact")
+    model = demo_model_dirs["qwen2"]
+    cache = save_xy(model, out, "c", cn=3, eu=5, length=25, compact=True, **QUIET)
+    smoothed = smooth(model, cache, out / "smoothed", alpha=0.5, log=lambda msg: None)
+    return model, cache, smoothed
+
+
+def _x_bytes(cache: XYCache) -> dict[str, int]:
+    """Each stored X tensor's size in bytes."""
+    from tokenwise_harness.cache import _ITEMSIZE
+
+    keys = {cache.entry(t).x_key for t in cache.targets}
+    return {k: _ITEMSIZE[cache.shapes[k][0]] * cache.shapes[k][1][0] * cache.shapes[k][1][1] for k in keys}
+
+
+W4A4_GRID = build_grid([0, 8], parse_qspecs("nvfp4@16,int4@32"), "full", parse_qspecs("int4@64"))
+
+
+@pytest.mark.parametrize("smoothed", [False, True], ids=["plain", "smoothed"])
+def test_grouped_pass_is_bit_identical_to_one_pass_per_weight(compact, smoothed):
+    model, cache_path, smoothed_dir = compact
+    cache = XYCache(cache_path)
+    source = evaluate.CheckpointWeights(ModelDir(smoothed_dir if smoothed else model), smoothed)
+    assert len(_x_bytes(cache)) < len(cache.targets)  # the layout shares X: there is something to group
+    grouped = evaluate.evaluate_grid(cache, source, W4A4_GRID, 37, "cpu", progress=False)
+    alone = {}
+    for target in cache.targets:
+        alone.update(evaluate.evaluate_grid(cache, source, W4A4_GRID, 37, "cpu", targets=[target], progress=False))
+    assert grouped == alone  # exact: every float of every metric
+
+
+def test_siblings_with_different_smooth_factors_each_divide_x_by_their_own(compact):
+    """A smoothed dir made elsewhere may give q/k/v different factors: X / s stays per weight."""
+    import torch
+
+    from tokenwise_harness.allowlist import Target
+
+    model, cache_path, smoothed_dir = compact
+    cache = XYCache(cache_path)
+    source = evaluate.CheckpointWeights(ModelDir(smoothed_dir), True)
+    grid = build_grid([8], parse_qspecs("nvfp4@16"), "combined")
+    members = []
+    for scale, proj in ((1.0, "q_proj"), (2.0, "k_proj"), (1.0, "v_proj")):
+        target = Target(0, "self_attn", proj)
+        triple = source.get(target, "cpu")
+        # W·diag(s·c) with X / (s·c): the same function, a different factor
+        triple = evaluate.WeightTriple(triple.weight * scale, triple.bias, triple.smooth * scale)
+        terms = {cfg.key: fake_quantize_weight(triple.weight, cfg) for cfg in grid}
+        members.append(evaluate.Member(target, triple, terms))
+    assert evaluate._distinct_smooth([m.triple.smooth for m in members]) == [0, 1, 0]
+    together = evaluate.evaluate_weights(cache, members, 37, "cpu")
+    for m in members:
+        assert together[m.target] == evaluate.evaluate_weight(XYCache(cache_path), m.target, m.triple, m.terms, 37,
+                                                              "cpu")
+    k = Target(0, "self_attn", "k_proj")
+    assert together[k] != evaluate.evaluate_weights(cache, [members[0], evaluate.Member(
+        k, evaluate.WeightTriple(members[1].triple.weight, members[1].triple.bias, members[0].triple.smooth),
+        members[1].terms)], 37, "cpu")[k]  # k's own factor is what it was scored with
+    assert torch.equal(members[0].triple.smooth, members[2].triple.smooth)
+
+
+def test_each_cached_x_is_read_once_by_eval_fake(compact):
+    """The CLI's path (run.Evaluation) streams every stored X tensor exactly once, whatever
+    number of projections read it (bytes counted by the real reader)."""
+    model, cache_path, _ = compact
+    ev = Evaluation(EvalSpec.from_text("0,8", "nvfp4@16,int4@32", model_dir=str(model), xy_path=str(cache_path),
+                                       device="cpu"))
+    results = ev.score()
+    assert len(results) == len(ev.cache.targets)
+    assert dict(ev.cache.bytes_served) == _x_bytes(ev.cache)
+
+
+def test_a_group_whose_deltas_do_not_fit_is_split_and_scores_the_same(compact, monkeypatch):
+    model, cache_path, _ = compact
+    source = evaluate.CheckpointWeights(ModelDir(model), False)
+    whole = XYCache(cache_path)
+    expected = evaluate.evaluate_grid(whole, source, W4A4_GRID, 37, "cpu", progress=False)
+    # room for two ΔW of the largest weight: a gate/up pair of 2 x 6 configs needs 6 passes
+    largest = max(source.get(t, "cpu").weight.numel() for t in whole.targets)
+    monkeypatch.setattr(evaluate, "DELTA_BUDGET_BYTES", 2 * 6 * largest)
+    split = XYCache(cache_path)
+    assert evaluate.evaluate_grid(split, source, W4A4_GRID, 37, "cpu", progress=False) == expected
+    sizes = _x_bytes(split)
+    gate_up = whole.entry(next(t for t in whole.targets if t.proj == "up_proj")).x_key
+    assert split.bytes_served[gate_up] == 6 * sizes[gate_up]
+    assert dict(whole.bytes_served) == sizes
+
+
+def test_pass_plan_packs_whole_configs_into_the_budget(monkeypatch):
+    from tokenwise_harness.allowlist import Target
+
+    q, k = Target(0, "self_attn", "q_proj"), Target(0, "self_attn", "k_proj")
+    cfgs = build_grid([0, 8], parse_qspecs("nvfp4@16"), "full")  # 3 configs
+    monkeypatch.setattr(evaluate, "DELTA_BUDGET_BYTES", 6 * 100 * 4)
+    # q's 3 ΔW take 3 x 600 bytes, two of k's (300 each) fill the rest: k's third waits for a second pass
+    assert evaluate.pass_plan([(q, 100, cfgs), (k, 50, cfgs)]) == [{q: cfgs, k: cfgs[:2]}, {k: cfgs[2:]}]
+    monkeypatch.setattr(evaluate, "DELTA_BUDGET_BYTES", 1)  # never less than one ΔW per pass
+    assert evaluate.pass_plan([(q, 100, cfgs[:2])]) == [{q: cfgs[:1]}, {q: cfgs[1:2]}]

@@ -240,6 +240,59 @@ def test_kernel_called_once_per_selected_case(demo, pytester, monkeypatch, worke
     assert {line.split(" ")[1] for line in calls.read_text().splitlines()} == {dtype}  # the checkpoint's dtype
 
 
+class _ServedBytes:
+    """A pytest plugin keeping what the session's cache reader served, per tensor, at session end."""
+
+    served: dict = {}
+
+    def pytest_sessionfinish(self, session):
+        from tokenwise_harness.pytest_plugin.hooks import _SESSION
+
+        self.served = dict(session.config.stash[_SESSION].cache.bytes_served)
+
+
+@pytest.fixture(scope="module")
+def compact_cache(demo):
+    """A compact cache of the demo model: q/k/v and gate/up read one stored X each."""
+    return Path(save_xy(demo.model, demo.cache.parent / "compact", "c", cn=2, eu=2, length=16, compact=True,
+                        progress=False, log=lambda m: None))
+
+
+def test_plugin_scores_an_input_group_in_one_pass_over_x(demo, compact_cache, pytester, monkeypatch):
+    """The first case of q_proj scores every selected q/k/v case (each with its own selected
+    configs) from one read of their shared X; the kernel runs once per selected case."""
+    from tokenwise_harness.cache import XYCache
+
+    calls = pytester.path / "calls.txt"
+    calls.write_text("")
+    monkeypatch.setenv("TOKENWISE_KERNEL_CALLS", str(calls))
+    spy = _ServedBytes()
+    selection = "layer1-self_attn-q_proj-rank8 or layer1-self_attn-k_proj-rank0 or layer1-self_attn-v_proj"
+    result = pytester.runpytest(f"--model-dir={demo.model}", f"--xy-path={compact_cache}", "--ranks", "0,8",
+                                "--qspecs", "nvfp4@16,mxfp4@32", "--weight-quantizer", "tests.kernels:counting",
+                                "-k", selection, "--update-baselines", "-p", "no:cacheprovider", plugins=[spy])
+    result.assert_outcomes(passed=2 + 2 + 4)  # q: rank 8 x 2 formats, k: rank 0 x 2, v: all 4
+    keys = [f"rank={r};fmt={f};blk={b}" for r in (0, 8) for f, b in (("nvfp4", 16), ("mxfp4", 32))]
+    q, kv = "64x64", "32x64"  # the demo's shapes: q [64, 64], k and v [32, 64]
+    assert collections.Counter(" ".join(line.split(" ")[::2]) for line in calls.read_text().splitlines()) == {
+        **{f"{q} {key}": 1 for key in keys[2:]}, **{f"{kv} {key}": 1 for key in keys[2:]},
+        **{f"{kv} {key}": 2 for key in keys[:2]}}
+    cache = XYCache(compact_cache)
+    x_key = cache.entry(cache.targets[7]).x_key  # layer 1's q/k/v input
+    assert spy.served == {x_key: cache.n_tokens * 64 * 2}  # fp16, read once for the three weights
+
+
+def test_plugin_fails_only_the_weight_of_a_group_whose_rank_is_too_large(demo, compact_cache, pytester):
+    """Rank 48 fits q_proj [64, 64] but not k/v [32, 64]: scored in one pass, q's cases still pass."""
+    result = pytester.runpytest(f"--model-dir={demo.model}", f"--xy-path={compact_cache}", "--ranks", "48",
+                                "--qspecs", "nvfp4@16", "-k", "layer0 and self_attn and not o_proj",
+                                "--update-baselines", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=2)
+    out = "\n".join(result.outlines)
+    assert "rank 48 exceeds min(out, in) = 32 of model.layers.0.self_attn.k_proj" in out
+    assert "rank 48 exceeds min(out, in) = 32 of model.layers.0.self_attn.v_proj" in out
+
+
 def test_model_level_quantizer_scores_only_selected_targets(demo):
     import torch
 

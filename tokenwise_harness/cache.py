@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -162,6 +163,8 @@ class XYCache:
         self.verify = verify
         self._streams: dict[str, tuple[int, object]] = {}  # key -> (next row, running sha256)
         self._verified: set[str] = set()
+        # Bytes of each tensor handed out by rows() and stream(): what the engine's I/O costs.
+        self.bytes_served: Counter[str] = Counter()
         if not self.path.is_file():
             raise HarnessError(f"{flag} {self.path} does not exist; create it with `tokenwise-precision save_xy`")
         if self.path.suffix == ".pt":
@@ -298,6 +301,7 @@ class XYCache:
         written, at the cost of one hash pass over bytes that are being read anyway.
         """
         t = self._pt[key][start:end] if self._pt is not None else self._handle.get_slice(key)[start:end]
+        self.bytes_served[key] += t.numel() * t.element_size()
         if self.verify and key in self.checksums and key not in self._verified and not self._hashed_elsewhere(key):
             self._hash_rows(key, start, t)
         return t
@@ -512,6 +516,7 @@ class _ChunkStream:
             what = (f"{self.cache.flag} {self.cache.path}: unexpected end of file reading {key}; "
                     "re-create it with `tokenwise-precision save_xy`")
             parts = reader.submit(fd, view, self.cache.offsets[key] + start * row_bytes, what, before)
+            self.cache.bytes_served[key] += len(view)
             futures += parts
             if key in hash_pools:
                 futures.append(hash_pools[key].submit(_hash_after, parts, self.hashers[key], view))

@@ -11,9 +11,14 @@ equal large tensors, which is what loses the error's digits in low precision.
 
 With smoothing (eval_smooth) the stored weight is already W·diag(s) and X is divided by s.
 
-Walk order: weight by weight (read from the checkpoint's safetensors shards, no model is
-instantiated), one low-rank decomposition per weight shared by every rank, all ΔW of the
-grid resident together while the X chunks stream past, so X is read once per weight.
+Walk order: input group by input group (weights read from the checkpoint's safetensors
+shards, no model is instantiated), one low-rank decomposition per weight shared by every
+rank, and all ΔW of the group's weights and configs resident together while the X chunks
+stream past. Where the cache stores one X for the weights that read the same input (the
+compact layout: q/k/v, gate/up), X is read once per group; in the seed layout every weight
+has its own X and a group is one weight. Everything per weight -- the reference X·Wᵀ + b - Y,
+each error term, X / s for its smooth factor -- is computed as in a pass of its own, so the
+numbers do not depend on the grouping.
 
 Decompositions are never redone: a checkpoint weight's factors are kept in a content-keyed
 store (memo.LowRankStore: keyed by the weight's and smoothing's content ids, the rank and
@@ -28,6 +33,8 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
+from typing import NamedTuple
 
 from tokenwise_harness.allowlist import Target, iter_allowed_linears
 from tokenwise_harness.cache import XYCache
@@ -35,8 +42,8 @@ from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import SvdqConfig
 from tokenwise_harness.numerics.metrics import TokenwiseAccumulator
 
-# All ΔW of a group of configs stay resident while X streams; past this many bytes the grid
-# is split into groups and X is streamed once per group.
+# All ΔW of a pass over X (an input group's weights x their configs) stay resident while X
+# streams; past this many bytes the pass is split and X is streamed once per part (pass_plan).
 DELTA_BUDGET_BYTES = 2 << 30
 
 
@@ -246,73 +253,167 @@ class ErrorMatmul:
         return out.add_(add) if add is not None else out
 
 
+def check_dims(cache: XYCache, target: Target, weight) -> None:
+    entry = cache.entry(target)
+    if entry.in_dim != weight.shape[1] or (entry.out_dim is not None and entry.out_dim != weight.shape[0]):
+        raise HarnessError(f"{cache.flag} {cache.path}: {target.path} X/Y dims ({entry.in_dim}, {entry.out_dim}) "
+                           f"do not match the weight {tuple(weight.shape)}; the cache is from another model")
+
+
+@dataclass
+class Member:
+    """One weight of a pass over X: its target, weights and config terms (cfg key -> ConfigTerm, or a bare W~)."""
+
+    target: Target
+    triple: WeightTriple
+    terms: dict
+
+
 def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms: dict[str, "ConfigTerm | object"],
                     chunk_tokens: int, device, stats: "EngineStats | None" = None) -> dict[str, dict]:
     """Metrics of every config in `terms` (cfg key -> ConfigTerm, or a bare W~) for one projection."""
+    check_dims(cache, target, triple.weight)
+    return evaluate_weights(cache, [Member(target, triple, terms)], chunk_tokens, device, stats)[target]
+
+
+def evaluate_weights(cache: XYCache, members: list[Member], chunk_tokens: int, device,
+                     stats: "EngineStats | None" = None) -> dict[Target, dict[str, dict]]:
+    """Metrics of every member's configs from one pass over the cached X they all read.
+
+    Members share X (the compact layout's q/k/v or gate/up; in the seed layout a group of
+    one): it is read, converted and (per distinct smooth factor) divided once per chunk. The
+    reference term, Y and every error term stay per weight, with the arithmetic of a pass of
+    its own, so the numbers are bit-identical to scoring each weight alone.
+    """
+    x_key = cache.entry(members[0].target).x_key
+    if any(cache.entry(m.target).x_key != x_key for m in members):
+        raise ValueError("evaluate_weights: the members read different cached X tensors")
+    mm = ErrorMatmul(device, cache.torch_dtype(x_key))
+    scores = [_WeightScore(cache, m, mm, device) for m in members]
+    same_s = _distinct_smooth([m.triple.smooth for m in members])
+    check_x = lambda x: _check_finite(x, cache, x_key)  # noqa: E731
+    for start, end, (x_stored, *ys) in cache.stream([x_key, *(s.y_key for s in scores)], chunk_tokens, device):
+        check_x(x_stored)
+        views: dict[int, _ChunkX] = {}  # first member with this smooth factor -> its view of the chunk
+        for i, (score, y_stored) in enumerate(zip(scores, ys)):
+            first = same_s[i]
+            if first not in views:
+                views[first] = _ChunkX(x_stored, members[first].triple.smooth, mm, check_x)
+            score.update(views[first], y_stored, end - start, stats)
+    return {score.target: score.result() for score in scores}
+
+
+def _distinct_smooth(factors: list) -> list[int]:
+    """For each smooth factor, the index of the first equal one: X / s is then computed once per
+    distinct s. The built-in smoothing gives siblings one s, but a smoothed model dir made
+    elsewhere need not, so equality is checked, not assumed."""
     import torch
 
-    from tokenwise_harness.numerics import formats
+    firsts = []
+    for i, s in enumerate(factors):
+        firsts.append(next((j for j in firsts if (factors[j] is None) == (s is None)
+                            and (s is None or torch.equal(factors[j], s))), i))
+    return firsts
 
-    entry = cache.entry(target)
-    w, b, s = triple.weight, triple.bias, triple.smooth
-    if entry.in_dim != w.shape[1] or (entry.out_dim is not None and entry.out_dim != w.shape[0]):
-        raise HarnessError(f"{cache.flag} {cache.path}: {target.path} X/Y dims ({entry.in_dim}, {entry.out_dim}) "
-                           f"do not match the weight {tuple(w.shape)}; the cache is from another model")
-    terms = {k: t if isinstance(t, ConfigTerm) else ConfigTerm(t.to(device=device, dtype=torch.float32) - w)
-             for k, t in terms.items()}
-    mm = ErrorMatmul(device, cache.torch_dtype(entry.x_key))
-    operands = {k: (mm.prepare(t.dw), mm.prepare(t.qr) if t.qr is not None else None) for k, t in terms.items()}
-    accs = {key: TokenwiseAccumulator() for key in terms}
-    # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once. On that
-    # exact path the reference X·Wᵀ runs as two 16-bit GEMMs (W = hi + lo) instead of float32.
-    exact_x = mm.low is not None and s is None
-    w_parts = mm.split(w) if exact_x else None
-    need_x = not exact_x or any(t.act is not None for t in terms.values())
-    for start, end, (x_stored, y_stored) in cache.stream([entry.x_key, entry.y_key], chunk_tokens, device):
-        _check_finite(x_stored, cache, entry.x_key)
-        x = None
-        if need_x:
-            x = x_stored.float()
-            if s is not None:
-                x = x / s
-                _check_finite(x, cache, entry.x_key)
-        x_op = (x_stored, 1.0) if exact_x else mm.prepare(x)
-        if exact_x:
-            ref = mm(x_op, w_parts[0])
-            for part in w_parts[1:]:
-                ref = mm(x_op, part, add=ref)
-            if b is not None:
-                ref.add_(b)
-        else:
-            ref = torch.addmm(b, x, w.T) if b is not None else x @ w.T
+
+class _ChunkX:
+    """One chunk of X as the weights dividing it by one smooth factor s (or by none) see it.
+
+    Built lazily and shared by those weights: X in float32, X / s, its 16-bit GEMM operand
+    and each activation format's Q_a(X) - X are made at most once per chunk.
+    """
+
+    def __init__(self, stored, s, mm: ErrorMatmul, check):
+        self.stored, self.s, self.mm, self.check = stored, s, mm, check
+        # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once.
+        self.exact = mm.low is not None and s is None
+        self._act_errors: dict = {}
+
+    @cached_property
+    def x(self):
+        x = self.stored.float()
+        if self.s is not None:
+            x = x / self.s
+            self.check(x)
+        return x
+
+    @cached_property
+    def op(self):
+        return (self.stored, 1.0) if self.exact else self.mm.prepare(self.x)
+
+    def act_error(self, act: tuple, name: str):
+        """Q_a(X) - X for one activation spec (afmt, ablk), prepared as a GEMM operand."""
+        from tokenwise_harness.numerics import formats
+
+        if act not in self._act_errors:
+            q_x = formats.fake_quantize(self.x, act[0], act[1], name=name)
+            self._act_errors[act] = self.mm.prepare(q_x - self.x)
+        return self._act_errors[act]
+
+
+class _WeightScore:
+    """One weight's part of a pass over X: its reference term, error terms and accumulators."""
+
+    def __init__(self, cache: XYCache, member: Member, mm: ErrorMatmul, device):
+        import torch
+
+        entry = cache.entry(member.target)
+        self.cache, self.target, self.x_key, self.y_key = cache, member.target, entry.x_key, entry.y_key
+        self.mm, self.triple = mm, member.triple
+        w = member.triple.weight
+        self.terms = {k: t if isinstance(t, ConfigTerm) else ConfigTerm(t.to(device=device, dtype=torch.float32) - w)
+                      for k, t in member.terms.items()}
+        self.operands = {k: (mm.prepare(t.dw), mm.prepare(t.qr) if t.qr is not None else None)
+                         for k, t in self.terms.items()}
+        self.accs = {key: TokenwiseAccumulator() for key in self.terms}
+        # On the exact 16-bit path the reference X·Wᵀ runs as two 16-bit GEMMs (W = hi + lo)
+        # instead of float32.
+        self.w_parts = mm.split(w) if (mm.low is not None and member.triple.smooth is None) else None
+
+    def reference(self, chunk: _ChunkX):
+        """X·Wᵀ + b of this chunk."""
+        import torch
+
+        w, b, mm = self.triple.weight, self.triple.bias, self.mm
+        if chunk.exact:
+            ref = mm(chunk.op, self.w_parts[0])
+            for part in self.w_parts[1:]:
+                ref = mm(chunk.op, part, add=ref)
+            return ref.add_(b) if b is not None else ref
+        return torch.addmm(b, chunk.x, w.T) if b is not None else chunk.x @ w.T
+
+    def update(self, chunk: _ChunkX, y_stored, n_tokens: int, stats: "EngineStats | None") -> None:
+        import torch
+
+        mm, x_op = self.mm, chunk.op
+        ref = self.reference(chunk)
         if y_stored is not None:
             y = y_stored.float()
-            _check_finite(y, cache, entry.y_key)
+            _check_finite(y, self.cache, self.y_key)
             resid = ref - y
         else:
             y, resid = ref, None
         y_sq = torch.linalg.vector_norm(y, dim=1).square_()
-        act_errors = {}
-        for key, term in terms.items():
+        for key, term in self.terms.items():
             if term.act is None and resid is None:
-                err, scale = mm.raw(x_op, operands[key][0])  # the scale is folded into the metrics
-                accs[key].update(err, y_sq, scale)
+                err, scale = mm.raw(x_op, self.operands[key][0])  # the scale is folded into the metrics
+                self.accs[key].update(err, y_sq, scale)
                 continue
             if term.act is None:
-                accs[key].update(mm(x_op, operands[key][0], add=resid), y_sq)
+                self.accs[key].update(mm(x_op, self.operands[key][0], add=resid), y_sq)
                 continue
-            err = mm(x_op, operands[key][0])
-            if term.act not in act_errors:  # Q_a(X) - X, shared by configs with the same act spec
-                q_x = formats.fake_quantize(x, term.act[0], term.act[1], name=entry.x_key)
-                act_errors[term.act] = mm.prepare(q_x - x)
-            err += mm(act_errors[term.act], operands[key][1])
+            err = mm(x_op, self.operands[key][0])
+            err += mm(chunk.act_error(term.act, self.x_key), self.operands[key][1])
             if resid is not None:
                 err += resid
-            accs[key].update(err, y_sq)
+            self.accs[key].update(err, y_sq)
         if stats is not None:
-            stats.error_flops += 2 * (end - start) * w.shape[0] * w.shape[1] * (
-                len(terms) + sum(t.act is not None for t in terms.values()))
-    return {key: acc.result() for key, acc in accs.items()}
+            w = self.triple.weight
+            stats.error_flops += 2 * n_tokens * w.shape[0] * w.shape[1] * (
+                len(self.terms) + sum(t.act is not None for t in self.terms.values()))
+
+    def result(self) -> dict[str, dict]:
+        return {key: acc.result() for key, acc in self.accs.items()}
 
 
 def _check_finite(t, cache: XYCache, key: str) -> None:
@@ -324,65 +425,170 @@ def _check_finite(t, cache: XYCache, key: str) -> None:
                            "re-capture with --save_dtype fp32")
 
 
-def config_groups(grid: list[SvdqConfig], weight_numel: int, device=None) -> list[list[SvdqConfig]]:
-    """Split the grid so that one group's ΔW tensors fit the budget: DELTA_BUDGET_BYTES, or on
-    CUDA a quarter of the device's free memory when that is more (X then streams once)."""
+def delta_budget(device=None) -> int:
+    """Bytes the resident ΔW of one pass over X may take: DELTA_BUDGET_BYTES, or on CUDA a
+    quarter of the device's free memory when that is more."""
     budget = DELTA_BUDGET_BYTES
     if device is not None and str(device).startswith("cuda"):
         import torch
 
         budget = max(budget, torch.cuda.mem_get_info(torch.device(device))[0] // 4)
-    per_group = max(1, budget // max(1, 6 * weight_numel))  # fp32 ΔW + its 16-bit GEMM operand
-    return [grid[i:i + per_group] for i in range(0, len(grid), per_group)]
+    return budget
+
+
+def pass_plan(work: list[tuple[Target, int, list[SvdqConfig]]], device=None) -> list[dict[Target, list[SvdqConfig]]]:
+    """Split one input group's work -- (target, weight numel, its configs) -- into passes over X.
+
+    One pass holds the ΔW of every (weight, config) in it while X streams past, so X is read
+    once per pass. When a group's ΔW do not fit delta_budget together, the group is split
+    (config by config, in target order) and X is streamed once per pass: re-reading X costs
+    I/O, holding more ΔW than memory holds fails the run. A group of one reduces to splitting
+    that weight's configs.
+    """
+    budget = delta_budget(device)
+    passes, used = [{}], 0
+    for target, numel, cfgs in work:
+        cost = 6 * max(1, numel)  # fp32 ΔW + its 16-bit GEMM operand
+        for cfg in cfgs:
+            if used and used + cost > budget:
+                passes.append({})
+                used = 0
+            passes[-1].setdefault(target, []).append(cfg)
+            used += cost
+    return [p for p in passes if p]
 
 
 def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: int, device,
                   targets: list[Target] | None = None, progress: bool = True,
                   stats: EngineStats | None = None, quantize_fn: Callable | None = None) -> dict:
-    """{(layer, block, proj): {cfg key: metrics}} for every target (default: all of them).
+    """{(layer, block, proj): {cfg key: metrics}} of the whole grid on every target (default: all of them).
 
     quantize_fn: the built-in numerics.svdq.fake_quantize_weight by default, called as
     quantize_fn(w_float32, cfg, lowrank=, name=). A weight-level kernel (kernels.WeightKernel,
     `weight_level = True`) is called instead as kernel(w_in_checkpoint_dtype, cfg, name=) once per
     (target, config), and the engine's own decomposition is skipped.
     """
+    targets = targets if targets is not None else check_alignment(cache, source.targets(), "the model")
+    return evaluate_plan(cache, source, {t: list(grid) for t in targets}, chunk_tokens, device, progress, stats,
+                         quantize_fn)
+
+
+def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], chunk_tokens: int, device,
+                  progress: bool = True, stats: EngineStats | None = None, quantize_fn: Callable | None = None,
+                  failed: dict | None = None) -> dict:
+    """{(layer, block, proj): {cfg key: metrics}} of each target's own configs in `plan`.
+
+    Consecutive targets whose cached X is one tensor (the compact layout's q/k/v, gate/up) are
+    scored in one pass over it (evaluate_weights): X is read once per input group, not once
+    per weight. quantize_fn: as in evaluate_grid.
+
+    failed: when given (the pytest plugin), an error that belongs to one weight -- its ranks,
+    its values, its kernel's output -- is recorded as failed[target] = message and the other
+    weights are still scored; an error during a pass over X (a corrupt or non-finite X) fails
+    every weight of that pass. Without it the first error propagates (the CLI: no report).
+    """
     from tqdm import tqdm
 
     from tokenwise_harness.calib import search as calibrate
     from tokenwise_harness.numerics import svdq
 
-    quantize_fn = quantize_fn or svdq.fake_quantize_weight
-    weight_level = getattr(quantize_fn, "weight_level", False)
-    stats = stats if stats is not None else EngineStats()
-    targets = targets if targets is not None else check_alignment(cache, source.targets(), "the model")
-    max_rank = max((c.rank for c in grid), default=0)
+    walk = _Walk(cache, plan, chunk_tokens, device, stats if stats is not None else EngineStats(),
+                 quantize_fn or svdq.fake_quantize_weight, failed)
+    configs = {cfg for cfgs in plan.values() for cfg in cfgs}
     # Iterated low-rank configs (iters > 1) score their iterates on the cached inputs: H = XᵀX.
-    grams = calibrate.GramCache(cache, chunk_tokens, device) if any(c.iters > 1 for c in grid) else None
-    results = {}
-    # A weight-level kernel makes its own branch: no decomposition here.
-    prepared = prepare_weights(source, targets, grid, device, 0 if weight_level else max_rank, stats)
+    grams = calibrate.GramCache(cache, chunk_tokens, device) if any(c.iters > 1 for c in configs) else None
+    max_rank = 0 if walk.weight_level else max((c.rank for c in configs), default=0)  # a kernel: no decomposition
+    targets = sorted(plan, key=Target.sort_key)
+    prepared = prepare_weights(source, {t: plan[t] for t in targets}, device, max_rank, walk.stats)
+    bar = tqdm(total=len(targets), desc="eval", unit="proj", disable=not progress)
     try:
-        for target, triple, lowrank in tqdm(prepared, total=len(targets), desc="eval", unit="proj",
-                                            disable=not progress):
-            qfn = quantize_fn
-            if grams is not None and not weight_level:
-                t1 = _now(device)
-                qfn = svdq.with_gram(quantize_fn, grams.get(target, triple.smooth))
-                stats.seconds_decompose += _now(device) - t1
-            metrics = {}
-            for group in config_groups(grid, triple.weight.numel(), device):
-                t2 = _now(device)
-                terms = {cfg.key: config_term(triple, cfg, lowrank, qfn, target.path) for cfg in group}
-                t3 = _now(device)
-                metrics.update(evaluate_weight(cache, target, triple, terms, chunk_tokens, device, stats))
-                stats.seconds_quantize += t3 - t2
-                stats.seconds_error += _now(device) - t3
-            results[(target.layer, target.block, target.proj)] = {cfg.key: metrics[cfg.key] for cfg in grid}
-            stats.weights += 1
+        for group in _shared_x_runs(cache, prepared):
+            walk.score_group(group, grams)
+            bar.update(len(group))
     finally:
         prepared.close()
-    stats.configs = len(grid)
-    return results
+        bar.close()
+    walk.stats.configs = len(configs)
+    return {(t.layer, t.block, t.proj): {cfg.key: walk.metrics[t][cfg.key] for cfg in plan[t]}
+            for t in targets if t in walk.metrics}
+
+
+def _shared_x_runs(cache: XYCache, prepared):
+    """Consecutive prepared weights that read one cached X tensor, as lists. Targets come in
+    forward order, so siblings sharing an input (q/k/v, gate/up) are adjacent."""
+    run: list = []
+    for item in prepared:
+        if run and cache.entry(item.target).x_key != cache.entry(run[0].target).x_key:
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
+
+
+class _Walk:
+    """evaluate_plan's state: per-target metrics so far, the stats, and where errors go."""
+
+    def __init__(self, cache, plan, chunk_tokens, device, stats: EngineStats, quantize_fn, failed):
+        self.cache, self.plan, self.chunk_tokens, self.device = cache, plan, chunk_tokens, device
+        self.stats, self.quantize_fn, self.failed = stats, quantize_fn, failed
+        self.weight_level = getattr(quantize_fn, "weight_level", False)
+        self.metrics: dict[Target, dict] = {}
+        self.dropped: set[Target] = set()  # failed: not scored in a later pass of its group
+
+    def fail(self, target: Target, exc: HarnessError) -> None:
+        if self.failed is None:
+            raise exc
+        self.failed[target] = str(exc)
+        self.dropped.add(target)
+        self.metrics.pop(target, None)
+
+    def score_group(self, group: list, grams) -> None:
+        """Every weight of one input group: one pass over its X, or more when the ΔW do not fit."""
+        from tokenwise_harness.numerics import svdq
+
+        ready = {}
+        for item in group:
+            if item.error is not None:
+                self.fail(item.target, item.error)
+                continue
+            qfn = self.quantize_fn
+            if grams is not None and not self.weight_level:
+                t1 = _now(self.device)
+                qfn = svdq.with_gram(self.quantize_fn, grams.get(item.target, item.triple.smooth))
+                self.stats.seconds_decompose += _now(self.device) - t1
+            ready[item.target] = (item, qfn)
+        work = [(t, item.triple.weight.numel(), self.plan[t]) for t, (item, _) in ready.items()]
+        for one_pass in pass_plan(work, self.device):
+            self.score_pass({t: ready[t] for t in one_pass if t not in self.dropped}, one_pass)
+        self.stats.weights += sum(t in self.metrics for t in ready)
+
+    def score_pass(self, ready: dict, one_pass: dict[Target, list[SvdqConfig]]) -> None:
+        t2 = _now(self.device)
+        members = []
+        for target, (item, qfn) in ready.items():
+            try:
+                check_dims(self.cache, target, item.triple.weight)
+                terms = {cfg.key: config_term(item.triple, cfg, item.lowrank, qfn, target.path)
+                         for cfg in one_pass[target]}
+            except HarnessError as exc:
+                self.fail(target, exc)
+                continue
+            members.append(Member(target, item.triple, terms))
+        t3 = _now(self.device)
+        self.stats.seconds_quantize += t3 - t2
+        if not members:
+            return
+        try:
+            got = evaluate_weights(self.cache, members, self.chunk_tokens, self.device, self.stats)
+        except HarnessError as exc:
+            for m in members:
+                self.fail(m.target, exc)
+            return
+        finally:
+            self.stats.seconds_error += _now(self.device) - t3
+        for target, metrics in got.items():
+            self.metrics.setdefault(target, {}).update(metrics)
 
 
 # Weights read and decomposed ahead of the one being scored (CUDA only: one worker thread and
@@ -391,14 +597,25 @@ def evaluate_grid(cache: XYCache, source, grid: list[SvdqConfig], chunk_tokens: 
 PREFETCH_DEPTH = 4
 
 
-def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], device, max_rank: int,
-                    stats: EngineStats, store=None):
-    """Yield (target, WeightTriple, LowRank | None) in target order.
+class Prepared(NamedTuple):
+    """A weight ready to score, or the error that made it unusable (error set, the rest None)."""
 
+    target: Target
+    triple: WeightTriple | None
+    lowrank: object | None = None
+    error: HarnessError | None = None
+
+
+def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_rank: int,
+                    stats: EngineStats, store=None):
+    """Yield a Prepared for each target of `plan` (target -> its configs), in the plan's order.
+
+    A weight that cannot be scored (ranks above its size, NaN/Inf values, no smooth factor)
+    comes as its error, so the caller decides whether it ends the run or only that weight.
     Each weight's factors come from the low-rank store when it holds them, else from one exact
     decomposition that is then stored. On CUDA, up to PREFETCH_DEPTH weights ahead are read and
     decomposed on worker threads, each on its own CUDA stream, overlapping the caller's
-    streaming of X for the current weight.
+    streaming of X for the current input group.
     """
     import torch
 
@@ -407,15 +624,20 @@ def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], devic
     if store is None and memo.enabled():
         store = memo.LowRankStore()
 
+    targets = list(plan)
+
     def prepare(target, stream=None):
-        triple = source.get(target, device)
-        check_ranks(grid, target, triple.weight.shape)
-        _check_weight_finite(triple, target)
+        try:
+            triple = source.get(target, device)
+            check_ranks(plan[target], target, triple.weight.shape)
+            _check_weight_finite(triple, target)
+        except HarnessError as exc:
+            return Prepared(target, None, error=exc), None, 0.0
         t0 = time.perf_counter()
         lowrank, computed = _lowrank(source, target, triple, max_rank, store, device)
         if stream is not None:
             stream.synchronize()
-        return triple, lowrank, computed, time.perf_counter() - t0
+        return Prepared(target, triple, lowrank), computed, time.perf_counter() - t0
 
     def account(computed, seconds):
         stats.decompositions += computed is True
@@ -424,9 +646,9 @@ def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], devic
 
     if not str(device).startswith("cuda") or len(targets) < 2:
         for target in targets:
-            triple, lowrank, computed, seconds = prepare(target)
+            item, computed, seconds = prepare(target)
             account(computed, seconds)
-            yield target, triple, lowrank
+            yield item
         return
 
     from concurrent.futures import ThreadPoolExecutor
@@ -447,16 +669,17 @@ def prepare_weights(source, targets: list[Target], grid: list[SvdqConfig], devic
     try:
         for i in range(min(PREFETCH_DEPTH, len(targets))):
             pending[i] = pool.submit(on_worker, i, targets[i])
-        for i, target in enumerate(targets):
-            triple, lowrank, computed, seconds = pending.pop(i).result()
-            for t in (triple.weight, triple.native, triple.bias, triple.smooth,
+        for i in range(len(targets)):
+            item, computed, seconds = pending.pop(i).result()
+            triple, lowrank = item.triple, item.lowrank
+            for t in (*((triple.weight, triple.native, triple.bias, triple.smooth) if triple is not None else ()),
                       *(lowrank.tensors().values() if lowrank is not None else ())):
                 if t is not None:
                     t.record_stream(main)  # made on a worker's stream, used (and freed) on this one
             account(computed, seconds)
             if i + PREFETCH_DEPTH < len(targets):
                 pending[i + PREFETCH_DEPTH] = pool.submit(on_worker, i + PREFETCH_DEPTH, targets[i + PREFETCH_DEPTH])
-            yield target, triple, lowrank
+            yield item
     finally:
         for f in pending.values():
             f.cancel()

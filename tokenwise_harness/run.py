@@ -5,12 +5,12 @@ The CLI (eval_fake / eval_smooth) and the pytest plugin both score through `Eval
     spec = EvalSpec(...)            # options, as the front end parsed them
     spec.validate()                 # every check that needs no cache (cheap: at configure time)
     ev = Evaluation(spec, cache)    # + the cache: model match, engine path, checksums
-    ev.score(configs, targets)      # {(layer, block, proj): {cfg key: metrics}}
+    ev.score(configs, targets)      # {(layer, block, proj): {cfg key: metrics}}; or ev.score(plan=...)
     ev.meta()                       # the §2.5 report's meta
 
-The CLI scores every weight at once (`run_eval`); the plugin scores one weight at a time, only
-the configs `-k` selected, each weight decomposed once and the model (when one has to be
-loaded) loaded once per Evaluation. Every refusal, the engine-path decision (checkpoint
+The CLI scores every weight at once (`run_eval`); the plugin scores one input group at a time
+(the weights reading one cached X), only the configs `-k` selected, each weight decomposed once
+and the model (when one has to be loaded) loaded once per Evaluation. Every refusal, the engine-path decision (checkpoint
 shards, loaded model, or a model-level fake_op), the checksum verification and the meta
 fields exist here only; front ends differ in their flag spelling alone (`flag_style`).
 """
@@ -264,41 +264,50 @@ class Evaluation:
 
     # ------------------------------------------------------------ scoring
     def score(self, configs: Iterable[SvdqConfig] | None = None, targets: Iterable[Target] | None = None,
-              progress: bool = False) -> Results:
+              progress: bool = False, plan: dict[Target, list[SvdqConfig]] | None = None,
+              failed: dict[Target, str] | None = None) -> Results:
         """{(layer, block, proj): {cfg key: metrics}} of `configs` (default: the grid) on `targets`
-        (default: every projection).
+        (default: every projection), or of each target's own configs in `plan` (the plugin: each
+        weight's -k selected configs).
 
-        Each target is decomposed once for all `configs`; a weight-level kernel is called once
-        per (target, config), and every config is checked to be one it can score before any is.
-        A model-level fake_op quantizes the whole model per config (its protocol), and only
-        `targets` are scored; when `targets` lie in some decoder layers only, the model it gets
-        holds only those layers (see `model`). Every cached tensor the numbers come from has passed its
-        checksum when they are returned: a whole-cache run hashes on a thread pool beside the
-        engine (or up front with verify_cache), a partial one as each tensor streams.
+        Each target is decomposed once for all its configs, and targets reading one cached X
+        (compact layout: q/k/v, gate/up) share one pass over it; a weight-level kernel is called
+        once per (target, config), and every config is checked to be one it can score before any
+        is. `failed`: where an error that belongs to one weight goes (engine.evaluate_plan);
+        without it the first error is raised. A model-level fake_op quantizes the whole model per
+        config (its protocol), and only the targets are scored; when they lie in some decoder
+        layers only, the model it gets holds only those layers (see `model`). Every cached tensor
+        the numbers come from has passed its checksum when they are returned: a whole-cache run
+        hashes on a thread pool beside the engine (or up front with verify_cache), a partial one
+        as each tensor streams.
         """
         from tokenwise_harness import engine
 
-        configs = list(self.grid if configs is None else configs)
+        whole = targets is None and plan is None
+        if plan is None:
+            configs = list(self.grid if configs is None else configs)
+            plan = None if whole else {t: configs for t in targets}
+        else:
+            configs = list(dict.fromkeys(cfg for cfgs in plan.values() for cfg in cfgs))
         if self.kernel is not None:
             for cfg in configs:
                 self.kernel.check_config(cfg)
-        whole = targets is None
         if whole and self.spec.verify_cache:
             self.cache.verify_checksums()
         elif whole:
             self.cache.verify_in_background()  # joined below, before anything is returned
         try:
             if self.fake_op is not None:
-                targets = None if whole else list(targets)
+                targets = None if whole else list(plan)
                 model = self.model(None if whole else {t.layer for t in targets})
                 results = engine.evaluate_with_model_op(
                     self.cache, model, self.fake_op, configs, self.spec.chunk_tokens, self.device,
                     self.spec.smooth, self.spec.no_restore, progress, targets=targets, layers=self._model_layers)
             else:
                 source = self._weights()
-                results = engine.evaluate_grid(self.cache, source, configs, self.spec.chunk_tokens, self.device,
-                                               targets=None if whole else list(targets), progress=progress,
-                                               quantize_fn=self.kernel)
+                plan = plan if plan is not None else {t: configs for t in source.targets()}
+                results = engine.evaluate_plan(self.cache, source, plan, self.spec.chunk_tokens, self.device,
+                                               progress=progress, quantize_fn=self.kernel, failed=failed)
         except BaseException as exc:
             self.cache.stop_background()
             if isinstance(exc, Exception):

@@ -7,9 +7,10 @@ keyed by our case id (layer, block, projection, config, smooth), never by pytest
 Flow: options are validated at configure (a HarnessError becomes a pytest usage error);
 the cache is resolved or captured once at session start on the controller; collection
 generates one item per projection x config; running a case computes, on first use, every
-*selected* config of that case's weight (one decomposition, one pass over X) and keeps the
-metrics; each item's metrics travel on its report (user_properties), so under xdist the
-controller sees every case and alone writes the JSON artifact and the baselines.
+*selected* config of that case's weight and of the selected weights reading the same cached X
+(one decomposition per weight, one pass over their X) and keeps the metrics; each item's
+metrics travel on its report (user_properties), so under xdist the controller sees every
+case and alone writes the JSON artifact and the baselines.
 """
 
 from __future__ import annotations
@@ -311,63 +312,84 @@ class HarnessSession:
 
     def _metrics(self, item: TokenwiseItem) -> dict:
         # A HarnessError here (e.g. a rank above the weight's size) fails this case with its
-        # one-line message (TokenwiseItem.repr_failure); the session goes on.
-        # A kernel's error fails every selected case of its weight with the message, without
-        # calling the kernel again: a kernel runs once per selected case, even when it fails.
-        key = (item.variant, item.case.layer, item.case.block, item.case.proj)
+        # one-line message (TokenwiseItem.repr_failure); the session goes on. Errors are kept
+        # for every selected case they belong to and never recomputed: a kernel runs once per
+        # selected case, even when it fails.
+        key = _weight_key(item.variant, item.case.target)
         cfg_key = item.case.cfg.key
         if cfg_key not in self.computed.get(key, {}) and cfg_key not in self.failed.get(key, {}):
-            try:
-                self._compute_weight(item)
-            except HarnessError as exc:
-                for cfg in self._selected_cfgs(item):
-                    if cfg.key not in self.computed.get(key, {}):
-                        self.failed.setdefault(key, {})[cfg.key] = str(exc)
-                raise
+            self._compute(item)
         if cfg_key in self.failed.get(key, {}):
             raise HarnessError(self.failed[key][cfg_key])
         return self.computed[key][cfg_key]
 
-    def _selected_cfgs(self, item: TokenwiseItem, same_weight: bool = True) -> list:
-        """The configs that survived -k selection (compute only those): of this item's weight,
-        or (same_weight=False) of any weight of its variant."""
-        weight = (item.case.layer, item.case.block, item.case.proj)
-        same = []
-        for it in item.session.items:
-            if (isinstance(it, TokenwiseItem) and it.variant == item.variant and it.case.cfg not in same
-                    and (not same_weight or (it.case.layer, it.case.block, it.case.proj) == weight)):
-                same.append(it.case.cfg)
-        return same or [item.case.cfg]
-
-    def _compute_weight(self, item: TokenwiseItem) -> None:
-        """Score this item's weight: every selected config at once (one decomposition, one pass
-        over X). A model-level fake_op quantizes the whole model per config, so with one every
-        weight's selected configs are scored in that pass and kept for their items."""
+    def _selected(self, item: TokenwiseItem) -> dict:
+        """{target: its configs that survived -k selection (compute only those)} of the item's
+        variant, among the items this process runs (an xdist worker: its own)."""
         from tokenwise_harness.allowlist import Target
 
-        variant, case = item.variant, item.case
+        selected: dict = {item.case.target: [item.case.cfg]}
+        for it in item.session.items:
+            if isinstance(it, TokenwiseItem) and it.variant == item.variant:
+                cfgs = selected.setdefault(it.case.target, [])
+                if it.case.cfg not in cfgs:
+                    cfgs.append(it.case.cfg)
+        return dict(sorted(selected.items(), key=lambda kv: Target.sort_key(kv[0])))
+
+    def _plan(self, item: TokenwiseItem, evaluation: Evaluation) -> dict:
+        """{target: configs} to score now, none of them scored before: the item's weight and every
+        selected weight reading the same cached X (one pass over it: the compact layout's q/k/v,
+        gate/up; in the seed layout the weight alone), each with its selected configs. A
+        model-level fake_op quantizes the whole model per config, so with one every selected
+        weight gets every selected config."""
+        selected = self._selected(item)
+        if evaluation.fake_op is not None:
+            every = list(dict.fromkeys(cfg for cfgs in selected.values() for cfg in cfgs))
+            selected = {t: every for t in selected}
+        else:
+            x_key = self.cache.entry(item.case.target).x_key
+            selected = {t: cfgs for t, cfgs in selected.items() if self.cache.entry(t).x_key == x_key}
+        plan = {}
+        for target, cfgs in selected.items():
+            done = {**self.computed.get(_weight_key(item.variant, target), {}),
+                    **self.failed.get(_weight_key(item.variant, target), {})}
+            todo = [cfg for cfg in cfgs if cfg.key not in done]
+            if todo:
+                plan[target] = todo
+        return plan
+
+    def _compute(self, item: TokenwiseItem) -> None:
+        """Score the item's plan (_plan) in one call; keep its metrics, and each error for the
+        cases it belongs to: a weight's own error for its cases, an error of the whole call (a
+        model-level fake_op's, a corrupt X) for every case of the call."""
+        variant = item.variant
         evaluation = self.evaluation(variant)
-        cfgs = self._selected_cfgs(item, same_weight=evaluation.fake_op is None)
-        targets = [case.target]
-        if evaluation.fake_op is not None:  # the whole model is quantized per config: score every selected weight
-            targets = sorted({it.case.target for it in item.session.items
-                              if isinstance(it, TokenwiseItem) and it.variant == variant} | set(targets),
-                             key=Target.sort_key)
-        if evaluation.kernel is not None:
-            # A config the kernel cannot score (torchao and int4) fails alone, not its weight's others.
-            runnable = []
+        plan = self._runnable(variant, evaluation, self._plan(item, evaluation))
+        failed: dict = {}
+        try:
+            results = evaluation.score(plan=plan, failed=failed) if plan else {}
+        except HarnessError as exc:
+            results, failed = {}, {t: str(exc) for t in plan}
+        for (layer, block, proj), metrics in results.items():
+            self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
+        for target, why in failed.items():
+            for cfg in plan[target]:
+                self.failed.setdefault(_weight_key(variant, target), {})[cfg.key] = why
+
+    def _runnable(self, variant: Variant, evaluation: Evaluation, plan: dict) -> dict:
+        """The plan without the configs a weight-level kernel cannot score (torchao and int4):
+        such a config fails alone, not its weight's others."""
+        if evaluation.kernel is None:
+            return plan
+        runnable = {}
+        for target, cfgs in plan.items():
             for cfg in cfgs:
                 try:
                     evaluation.kernel.check_config(cfg)
-                    runnable.append(cfg)
+                    runnable.setdefault(target, []).append(cfg)
                 except HarnessError as exc:
-                    self.failed.setdefault((variant, case.layer, case.block, case.proj), {})[cfg.key] = str(exc)
-            if not runnable:
-                return
-            cfgs = runnable
-        results = evaluation.score(cfgs, targets)
-        for (layer, block, proj), metrics in results.items():
-            self.computed.setdefault((variant, layer, block, proj), {}).update(metrics)
+                    self.failed.setdefault(_weight_key(variant, target), {})[cfg.key] = str(exc)
+        return runnable
 
     def _spec(self, variant: Variant):
         """A variant's EvalSpec, made once: its model dir is validated (and fingerprinted) once per
@@ -552,6 +574,11 @@ class HarnessSession:
                        source=str(self.report_path) if self.report_path else None,
                        extra_meta=terminal.run_facts(self))
 
+
+
+def _weight_key(variant: Variant, target) -> tuple:
+    """The key of self.computed / self.failed: one weight of one variant."""
+    return (variant, target.layer, target.block, target.proj)
 
 
 def _check_rootdir(config: pytest.Config) -> None:
