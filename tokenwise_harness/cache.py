@@ -268,11 +268,16 @@ class XYCache:
     def targets(self) -> list[Target]:
         return [e.target for e in self.entries]
 
+    @cached_property
+    def _entry_of(self) -> dict[Target, CacheEntry]:
+        return {e.target: e for e in self.entries}
+
     def entry(self, target: Target) -> CacheEntry:
-        for e in self.entries:
-            if e.target == target:
-                return e
-        raise HarnessError(f"{self.flag} {self.path} has no key {target.path}.X")
+        # A dict, not a scan: the engine and the plugin look entries up per weight and per case.
+        found = self._entry_of.get(target)
+        if found is None:
+            raise HarnessError(f"{self.flag} {self.path} has no key {target.path}.X")
+        return found
 
     def _check_dtypes(self) -> None:
         for e in self.entries:
