@@ -5,7 +5,8 @@ one tensor at a time, without instantiating the model (a 70B model never has to 
 The fingerprint covers config.json and every weight file the model loads (the index's shards,
 or model.safetensors; never a stray file beside them), so any change of any weight (norms and
 embeddings included: they shape the cached X) makes a cache stale. File digests are memoized
-on disk (memo.py), so a rerun on an unchanged checkpoint reads no weight bytes for it.
+on disk (memo.py), so a rerun on an unchanged checkpoint reads no weight bytes for it; on a
+cold memo the CLI hashes them beside the engine (ModelDir.start_fingerprint, run.Evaluation).
 """
 
 from __future__ import annotations
