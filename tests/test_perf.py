@@ -204,13 +204,15 @@ def test_scoring_process_imports_no_transformers(small, tmp_path):
 # ---------------------------------------------------------------- the fingerprint hashed beside the engine
 
 
-def _gate_hashing(mp, release_after: int, wait_for_digest: bool = False) -> list:
+def _gate_hashing(mp, release_after: int, wait_for_digest: bool = False, after_decomposing: bool = False) -> list:
     """Hold the (real) weight-file hash back until the engine has read `release_after` weights, so
     the engine provably runs while the fingerprint is unknown; the targets read are returned.
-    wait_for_digest: the release then also waits until the fingerprint is known."""
+    wait_for_digest: the release then also waits until the fingerprint is known.
+    after_decomposing: release only once the last of those weights is also decomposed (else the
+    hash can finish between its read and its store lookup, which then is a real lookup)."""
     release = threading.Event()
-    real_digest, real_get = memo.file_digest, evaluate.CheckpointWeights.get
-    reads = []
+    real_digest, real_get, real_lowrank = memo.file_digest, evaluate.CheckpointWeights.get, evaluate._lowrank
+    reads, decomposed = [], []
 
     def held_digest(path):
         assert release.wait(120)
@@ -218,14 +220,23 @@ def _gate_hashing(mp, release_after: int, wait_for_digest: bool = False) -> list
 
     def get(self, target, device):
         reads.append(target)
-        if len(reads) == release_after:
+        if len(reads) == release_after and not after_decomposing:
             release.set()
             if wait_for_digest:
                 self.model_dir._hashing.result(timeout=120)
         return real_get(self, target, device)
 
+    def lowrank_then_release(*args, **kwargs):
+        out = real_lowrank(*args, **kwargs)
+        decomposed.append(args[1])
+        if len(decomposed) == release_after:
+            release.set()
+        return out
+
     mp.setattr(memo, "file_digest", held_digest)
     mp.setattr(evaluate.CheckpointWeights, "get", get)
+    if after_decomposing:
+        mp.setattr(evaluate, "_lowrank", lowrank_then_release)
     return reads
 
 
@@ -266,7 +277,7 @@ def test_cold_overlap_stores_factors_under_their_digest_keys(tmp_path, small, me
     args = ["eval_fake", f"--model_dir={model}", f"--xy_path={cache}", "--ranks=8,16", "--qspecs=nvfp4@16",
             "--device=cpu"]
     with monkeypatch.context() as mp:
-        reads = _gate_hashing(mp, release_after=len(targets))  # every weight read before the digest is known
+        reads = _gate_hashing(mp, release_after=len(targets), after_decomposing=True)  # all before the digest
         assert main([*args, f"--out_json={tmp_path / 'cold.json'}"]) == 0
     assert len(reads) == len(targets)
     c = memo.COUNTERS
