@@ -85,7 +85,7 @@ def test_pread_weight_reader_equals_safetensors_get_tensor(tmp_path, dtype):
     assert mdir.read("absent") is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_pread_weight_reader_to_cuda(tmp_path, dtype):
     g = torch.Generator().manual_seed(2)
