@@ -282,6 +282,48 @@ def test_plugin_scores_an_input_group_in_one_pass_over_x(demo, compact_cache, py
     assert spy.served == {x_key: cache.n_tokens * 64 * 2}  # fp16, read once for the three weights
 
 
+SERVED_PER_WORKER = """
+import json
+
+def pytest_sessionfinish(session):
+    from tokenwise_harness.pytest_plugin.hooks import _SESSION
+
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    harness = session.config.stash.get(_SESSION, None)
+    if worker and harness is not None and harness.cache is not None:
+        with open(OUT + f"/served-{worker}.json", "w") as fh:
+            json.dump(dict(harness.cache.bytes_served), fh)
+"""
+
+
+def test_xdist_reads_each_input_group_once_on_one_worker(demo, compact_cache, pytester, monkeypatch):
+    """-n 2 on a compact cache: every case of the weights sharing one X (q/k/v, gate/up) runs on
+    one worker, which reads that X once; so each X is read once in all, as in a serial run. The
+    kernel runs once per selected case across workers; the deselected o_proj is never scored."""
+    from tokenwise_harness.cache import XYCache
+
+    calls = pytester.path / "calls.txt"
+    calls.write_text("")
+    monkeypatch.setenv("TOKENWISE_KERNEL_CALLS", str(calls))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    pytester.makeconftest(f"OUT = {str(pytester.path)!r}\n" + SERVED_PER_WORKER)
+    result = pytester.runpytest_subprocess(
+        f"--model-dir={demo.model}", f"--xy-path={compact_cache}", "--ranks", "8", "--qspecs", "nvfp4@16,mxfp4@32",
+        "--weight-quantizer", "tests.kernels:counting", "-k", "not o_proj", "--update-baselines",
+        "-p", "no:cacheprovider", "-n", "2", timeout=240)
+    result.assert_outcomes(passed=2 * 6 * 2)  # 2 layers x 6 weights x 2 configs
+    assert sorted(_calls(calls).values()) == [12, 12]  # each config once per weight: 12 weights
+    cache = XYCache(compact_cache)
+    served = {p.stem: json.loads(p.read_text()) for p in pytester.path.glob("served-gw*.json")}
+    assert sorted(served) == ["served-gw0", "served-gw1"] and all(served.values()), served
+    groups = {cache.entry(t).x_key: cache.entry(t).in_dim for t in cache.targets if t.proj != "o_proj"}
+    assert len(groups) == 2 * 3  # per layer: q/k/v, gate/up, down
+    readers = collections.Counter(key for worker in served.values() for key in worker)
+    assert readers == {key: 1 for key in groups}, served  # each X on one worker, o_proj's never read
+    read = {key: n for worker in served.values() for key, n in worker.items()}
+    assert read == {key: cache.n_tokens * dim * 2 for key, dim in groups.items()}  # fp16, read once
+
+
 def test_plugin_fails_only_the_weight_of_a_group_whose_rank_is_too_large(demo, compact_cache, pytester):
     """Rank 48 fits q_proj [64, 64] but not k/v [32, 64]: scored in one pass, q's cases still pass."""
     result = pytester.runpytest(f"--model-dir={demo.model}", f"--xy-path={compact_cache}", "--ranks", "48",

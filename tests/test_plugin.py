@@ -34,11 +34,13 @@ import tokenwise_harness.run  # noqa: F401
 import tokenwise_harness.verdict.baselines  # noqa: F401  (see the module docstring)
 import tokenwise_harness.verdict.thresholds  # noqa: F401
 from tokenwise_harness.allowlist import PROJ_ORDER
+from tokenwise_harness.cache import XYCache
 from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.demo.models import make_demo_model
 from tokenwise_harness.report import document as report
 from tokenwise_harness.verdict.baselines import model_id
+from tokenwise_harness.verdict.cases import parse_case_id
 
 pytest_plugins = ["pytester"]
 
@@ -445,7 +447,7 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
         *GRID, "--tokenwise-report", "xdist.json", "--update-baselines", "-p", "no:cacheprovider", "-v", timeout=180)
     result.assert_outcomes(passed=28)
     text = output(result)
-    assert "scheduling tests via TokenwiseScheduling" in text  # -n alone groups by weight
+    assert "scheduling tests via TokenwiseScheduling" in text  # -n alone groups by input
     # Every metric equal to the serial run's, bit for bit: the baselines it rewrote are unchanged.
     assert "baselines: 0 added, 0 changed, 0 refreshed, 28 unchanged, 0 skipped, 1 deleted" in text
     assert "baselines deleted: 1" in text and not (harness.baselines / "layer9.json").exists()
@@ -455,27 +457,42 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
     assert report.comparable(a) == report.comparable(b)
     assert (pytester.path / "serial.json").read_bytes() == (pytester.path / "xdist.json").read_bytes()
 
-    # all configs of a weight ran on one worker
+    # all cases of an input group (the seed layout: one weight, all its configs) ran on one worker
     runs = [json.loads(line) for line in (pytester.path / "workers.jsonl").read_text().splitlines()]
     assert len(runs) == 28
+    cache = XYCache(demo.cache)
     workers: dict[str, set] = {}
     for nodeid, worker in runs:
-        case = nodeid.split("::", 1)[1].split("@")[0]
-        workers.setdefault(case.rsplit("-rank", 1)[0], set()).add(worker)
+        case = parse_case_id(nodeid.split("::", 1)[1].split("@")[0])
+        workers.setdefault(cache.entry(case.target).x_key, set()).add(worker)
     assert len(workers) == 14 and all(len(w) == 1 for w in workers.values()), workers
     assert set().union(*workers.values()) == {"gw0", "gw1"}
 
 
-def test_xdist_scheduler_groups_by_weight_and_respects_an_explicit_dist(pytester):
-    from tokenwise_harness.pytest_plugin.xdist import _dist_given, weight_group
+def test_xdist_scheduler_groups_by_input_and_respects_an_explicit_dist(pytester, demo):
+    from tokenwise_harness.pytest_plugin.xdist import _dist_given, input_group
 
-    q8 = weight_group("tokenwise::layer0-self_attn-q_proj-rank8-nvfp4-blk16")
-    assert q8 == "tokenwise:model.layers.0.self_attn.q_proj"
-    # xdist's `@group` suffix (when a pytest keeps it) changes nothing
-    assert weight_group("tokenwise::layer0-self_attn-q_proj-rank16-nvfp4-blk16@model.layers.0.self_attn.q_proj") == q8
-    assert weight_group("tokenwise::layer0-self_attn-k_proj-rank8-nvfp4-blk16") != q8
-    assert weight_group("tokenwise::layer0-self_attn-q_proj-rank8-nvfp4-blk16-smooth") != q8
-    assert weight_group("tests/test_x.py::test_a") is None
+    seed = XYCache(demo.cache)
+    compact = XYCache(save_xy(demo.model, pytester.path / "compact", "c", cn=1, eu=1, length=4, compact=True,
+                              progress=False, log=lambda m: None))
+    for cache in (seed, compact):
+        q8 = input_group("tokenwise::layer0-self_attn-q_proj-rank8-nvfp4-blk16", cache)
+        assert q8 == "tokenwise:model.layers.0.self_attn.q_proj.X"
+        # xdist's `@group` suffix (when a pytest keeps it) changes nothing
+        assert input_group("tokenwise::layer0-self_attn-q_proj-rank16-nvfp4-blk16@model.layers.0.self_attn.q_proj",
+                           cache) == q8
+        assert input_group("tokenwise::layer0-self_attn-q_proj-rank8-nvfp4-blk16-smooth", cache) != q8
+        assert input_group("tokenwise::layer0-self_attn-o_proj-rank8-nvfp4-blk16", cache) != q8
+        assert input_group("tokenwise::layer1-self_attn-q_proj-rank8-nvfp4-blk16", cache) != q8
+        assert input_group("tests/test_x.py::test_a", cache) is None
+    # the seed layout: one X per weight, so one group per weight; compact: q/k/v share one, gate/up another
+    k8, v8 = ("tokenwise::layer0-self_attn-k_proj-rank8-nvfp4-blk16", "tokenwise::layer0-self_attn-v_proj-rank8-nvfp4-blk16")
+    assert input_group(k8, seed) != input_group(v8, seed) != q8
+    assert input_group(k8, compact) == input_group(v8, compact) == q8
+    gate, up = ("tokenwise::layer1-mlp-gate_proj-rank8-nvfp4-blk16", "tokenwise::layer1-mlp-up_proj-rank8-nvfp4-blk16")
+    assert input_group(gate, seed) != input_group(up, seed)
+    assert input_group(gate, compact) == input_group(up, compact) != input_group(
+        "tokenwise::layer1-mlp-down_proj-rank8-nvfp4-blk16", compact)
     for args, given in ((["-n", "2"], False), (["-n", "2", "--dist", "load"], True),
                         (["-n", "2", "--dist=worksteal"], True), (["-n", "2", "-d"], True)):
         assert _dist_given(pytester.parseconfig(*args)) is given, args

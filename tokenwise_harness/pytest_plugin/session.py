@@ -252,7 +252,7 @@ class HarnessSession:
         for variant, case in self._generated():
             item = TokenwiseItem.from_parent(parent, name=case.case_id, case=case, variant=variant, harness=self)
             item.add_marker(pytest.mark.tokenwise)
-            item.add_marker(pytest.mark.xdist_group(name=xdist.group_name(case)))
+            item.add_marker(pytest.mark.xdist_group(name=xdist.group_name(case, self.cache)))
             new.append(item)
         self.items = new
         items.extend(new)
@@ -280,7 +280,7 @@ class HarnessSession:
         return out
 
     def make_scheduler(self, log: object) -> object | None:
-        return xdist.make_scheduler(self.config, log)
+        return xdist.make_scheduler(self.config, log, self.cache)
 
     # ------------------------------------------------------------ running
     def run_item(self, item: TokenwiseItem) -> None:

@@ -1,5 +1,9 @@
-"""pytest-xdist support: one weight's cases per worker, one GPU per worker, and the transport
-of each case's result from the worker that ran it to the controller.
+"""pytest-xdist support: one input group's cases per worker, one GPU per worker, and the
+transport of each case's result from the worker that ran it to the controller.
+
+An input group is every case of the weights that read one cached X (cache.CacheEntry.x_key):
+in the compact layout q/k/v share one and gate/up another, in the seed layout each weight
+has its own. A worker running a whole group reads that X once for all of its weights.
 
 xdist is optional: nothing here imports it until a scheduler is asked for.
 """
@@ -10,10 +14,14 @@ import json
 import os
 import shlex
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tokenwise_harness.verdict.cases import Case, parse_case_id
+
+if TYPE_CHECKING:
+    from tokenwise_harness.cache import XYCache
 
 # Name of the user property that carries a case's payload (JSON) on its test report: xdist
 # sends reports, user_properties included, from the workers to the controller.
@@ -38,31 +46,32 @@ def worker_device(config: pytest.Config, device: str) -> str:
     return f"cuda:{int(worker[2:]) % torch.cuda.device_count()}"
 
 
-def group_name(case: Case) -> str:
-    """The xdist group of a case: its weight (and variant)."""
-    return f"{case.module_path}{'-smooth' if case.smooth else ''}"
+def group_name(case: Case, cache: XYCache) -> str:
+    """The xdist group of a case: the cached X its weight reads (and its variant)."""
+    return f"{cache.entry(case.target).x_key}{'-smooth' if case.smooth else ''}"
 
 
-def weight_group(nodeid: str) -> str | None:
-    """The weight a tokenwise item's nodeid scores (`tokenwise::<case id>[@group]`), else None."""
+def input_group(nodeid: str, cache: XYCache) -> str | None:
+    """The input group of a tokenwise item's nodeid (`tokenwise::<case id>[@group]`), else None."""
     if not nodeid.startswith(NODEID_PREFIX):
         return None
     case = parse_case_id(nodeid[len(NODEID_PREFIX):].split("@", 1)[0])
-    return None if case is None else f"tokenwise:{group_name(case)}"
+    return None if case is None else f"tokenwise:{group_name(case, cache)}"
 
 
-def make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """The xdist scheduler under -n: all configs of one weight go to one worker.
+def make_scheduler(config: pytest.Config, log: object, cache: XYCache) -> object | None:
+    """The xdist scheduler under -n: all cases of one input group (the weights reading one
+    cached X, each with all its configs) go to one worker.
 
     Used for `--dist loadgroup` and for plain `-n N` (whose implied `--dist load` would
-    spread a weight's configs over workers, each redoing its decomposition and X pass);
+    spread a group's cases over workers, each redoing decompositions and reading its X);
     an explicit `--dist load|loadscope|...` is respected (None: xdist's own scheduler).
     Groups come from our case ids, not from xdist's `@group` nodeid suffix, which
     pytest 9's structured node ids silently drop (pytest-dev/pytest-xdist#1386).
     """
     dist = config.getoption("dist")
     if dist == "loadgroup" or (dist == "load" and not _dist_given(config)):
-        return _scheduler_class()(config, log)
+        return _scheduler_class()(config, log, cache=cache)
     return None
 
 
@@ -78,7 +87,7 @@ _SCHEDULER = None
 
 
 def _scheduler_class():
-    """xdist's LoadGroupScheduling, grouping tokenwise items by weight (built on first use)."""
+    """xdist's LoadGroupScheduling, grouping tokenwise items by input group (built on first use)."""
     global _SCHEDULER
     if _SCHEDULER is None:
         # xdist has no public way to group items by a key of our own: its documented hook
@@ -87,8 +96,12 @@ def _scheduler_class():
         from xdist.scheduler import LoadGroupScheduling
 
         class TokenwiseScheduling(LoadGroupScheduling):
+            def __init__(self, config: pytest.Config, log: object = None, *, cache: XYCache) -> None:
+                super().__init__(config, log)
+                self.cache = cache  # the controller's: the same cache its workers read
+
             def _split_scope(self, nodeid: str) -> str:
-                group = weight_group(nodeid)
+                group = input_group(nodeid, self.cache)
                 return group if group is not None else super()._split_scope(nodeid)
 
         _SCHEDULER = TokenwiseScheduling
