@@ -325,7 +325,8 @@ class HarnessSession:
 
     def _selected(self, item: TokenwiseItem) -> dict:
         """{target: its configs that survived -k selection (compute only those)} of the item's
-        variant, among the items this process runs (an xdist worker: its own)."""
+        variant, among the items this process collected (an xdist worker collects every selected
+        case, but the scheduler sends it whole input groups: those reading the item's X are its own)."""
         from tokenwise_harness.allowlist import Target
 
         selected: dict = {item.case.target: [item.case.cfg]}
