@@ -264,3 +264,120 @@ def test_two_concurrent_runs_capture_once(tmp_path, model):
     assert all(p.returncode == 0 for p in procs), outs
     assert sum("tokenwise: capturing" in out for out in outs) == 1, outs
     assert list((root / "xy").glob("*.safetensors")) == [entry]
+
+
+# ---------------------------------------------------------------- the memos follow the chosen root
+
+
+def _fresh_process():
+    """What a new process starts with: no in-process digests, zeroed counters (as test_perf.py)."""
+    from tokenwise_harness import memo
+    from tokenwise_harness.numerics import lowrank
+
+    memo.clear_process_memo()
+    memo.reset_counters()
+    lowrank.COUNTS["eigh"] = 0
+
+
+def _counts() -> dict:
+    from tokenwise_harness import memo
+    from tokenwise_harness.numerics import lowrank
+
+    return dict(memo.COUNTERS, eigh=lowrank.COUNTS["eigh"])
+
+
+def _elsewhere(monkeypatch, tmp_path) -> Path:
+    """$TOKENWISE_CACHE_DIR and $XDG_CACHE_HOME pointed at a dir the flag must win over."""
+    other = tmp_path / "E"
+    monkeypatch.setenv("TOKENWISE_CACHE_DIR", str(other / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(other / "xdg"))
+    return other
+
+
+def _memo_files(root: Path) -> dict[str, list[Path]]:
+    return {kind: sorted(p for p in (root / kind).rglob("*") if p.is_file()) for kind in ("digests", "lowrank")}
+
+
+def _cache_ls(root: Path, capsys) -> dict[str, tuple[str, Path]]:
+    """`tokenwise-precision cache ls --cache_dir ROOT`: {kind: (size column, path)} of its rows."""
+    from tokenwise_harness.cli import main
+
+    capsys.readouterr()
+    assert main(["cache", "ls", f"--cache_dir={root}"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[2:-1]:  # header, column titles ... hint
+        kind, *_, path = line.split()
+        rows[kind] = (line, Path(path))
+    return rows
+
+
+def test_cache_dir_flag_moves_the_digest_memo_and_lowrank_store(pytester, model, monkeypatch, tmp_path, capsys):
+    """--tokenwise-cache-dir=D with $TOKENWISE_CACHE_DIR / $XDG_CACHE_HOME elsewhere: the digest memo
+    and the low-rank store are written under D (nothing elsewhere), a second run is warm from them
+    (0 bytes hashed, 0 eigh), and `cache ls --cache_dir D` lists them with their sizes."""
+    root, other = tmp_path / "D", _elsewhere(monkeypatch, tmp_path)
+    args = [f"--model-dir={model}", *XY_SMALL, *ONE_CASE, f"--tokenwise-cache-dir={root}"]
+    _fresh_process()
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+    cold = _counts()
+    assert cold["bytes_hashed"] > 0 and cold["eigh"] >= 1 and cold["lowrank_writes"] == cold["eigh"]
+    files = _memo_files(root)
+    assert files["digests"] and len(files["lowrank"]) == cold["eigh"], files
+    assert list((root / "xy").glob("*.safetensors")) and not other.exists()
+
+    _fresh_process()  # a new process on the same root: everything reused
+    pytester.runpytest(*args).assert_outcomes(passed=1)
+    warm = _counts()
+    assert warm["bytes_hashed"] == 0 and warm["eigh"] == 0 and warm["lowrank_hits"] == cold["eigh"]
+    assert warm["lowrank_misses"] == 0 and warm["digest_memo_hits"] >= 1
+    assert _memo_files(root) == files and not other.exists()
+
+    from tokenwise_harness.cache_store import human_size
+
+    rows = _cache_ls(root, capsys)
+    assert set(rows) == {"xy", "digests", "lowrank"}
+    for kind in ("digests", "lowrank"):
+        line, path = rows[kind]
+        assert path == root / kind and human_size(sum(f.stat().st_size for f in files[kind])) in line
+
+
+def test_cli_cache_dir_moves_the_digest_memo_and_lowrank_store(model, monkeypatch, tmp_path, capsys):
+    """eval_fake --cache_dir=D: the same, for the CLI."""
+    from tokenwise_harness.capture.save_xy import save_xy
+    from tokenwise_harness.cli import main
+
+    xy = save_xy(model, tmp_path / "xy", "c", cn=1, eu=1, length=16, device="cpu", progress=False,
+                 log=lambda m: None, cache_root=tmp_path / "capture_memo")
+    root, other = tmp_path / "D", _elsewhere(monkeypatch, tmp_path)
+    args = ["eval_fake", f"--model_dir={model}", f"--xy_path={xy}", "--ranks=8", "--qspecs=nvfp4@16",
+            "--device=cpu", f"--cache_dir={root}"]
+    n_weights = len(ModelDir(model).targets())
+    _fresh_process()
+    assert main([*args, f"--out_json={tmp_path / 'cold.json'}"]) == 0
+    cold = _counts()
+    assert cold["bytes_hashed"] > 0 and cold["eigh"] == n_weights
+    files = _memo_files(root)
+    assert files["digests"] and len(files["lowrank"]) == n_weights and not other.exists()
+
+    _fresh_process()
+    assert main([*args, f"--out_json={tmp_path / 'warm.json'}"]) == 0
+    warm = _counts()
+    assert warm["bytes_hashed"] == 0 and warm["eigh"] == 0 and warm["lowrank_hits"] == n_weights
+    assert _memo_files(root) == files and not other.exists()
+    assert {k: p for k, (_, p) in _cache_ls(root, capsys).items()} == {"digests": root / "digests",
+                                                                       "lowrank": root / "lowrank"}
+
+
+def test_xdist_workers_use_the_controllers_cache_dir(pytester, model, monkeypatch, tmp_path):
+    """Under xdist the worker decomposes the weights: their low-rank factors and digests land
+    under the controller's --tokenwise-cache-dir (given relative to where pytest runs)."""
+    other = _elsewhere(monkeypatch, tmp_path)
+    result = pytester.runpytest_subprocess(
+        "-n", "1", f"--model-dir={model}", *XY_SMALL, "--ranks=8", "--qspecs=nvfp4@16", "-k", "layer0-self_attn",
+        "--update-baselines", "-p", "no:randomly", "-p", "no:cacheprovider", "--tokenwise-cache-dir=rel/D",
+        timeout=240)
+    result.assert_outcomes(passed=4)
+    root = pytester.path / "rel" / "D"
+    files = _memo_files(root)
+    assert files["digests"] and len(files["lowrank"]) == 4 and list((root / "xy").glob("*.safetensors"))
+    assert not other.exists()

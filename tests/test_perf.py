@@ -108,22 +108,22 @@ def test_old_shard_beside_an_index_changes_neither_fingerprint_nor_scores(tmp_pa
 def test_digest_memo_reads_no_bytes_on_rerun_and_sees_rewrites(tmp_path, memo_dir):
     f = tmp_path / "w.bin"
     f.write_bytes(b"a" * 100_000)
-    first = memo.file_digest(f)
+    first = memo.file_digest(f, memo_dir)
     assert memo.COUNTERS["bytes_hashed"] == 100_000
     fresh_process()
-    assert memo.file_digest(f) == first and memo.COUNTERS["bytes_hashed"] == 0
+    assert memo.file_digest(f, memo_dir) == first and memo.COUNTERS["bytes_hashed"] == 0
     # rewritten in place, same size: mtime moves, so it is hashed again
     st = f.stat()
     f.write_bytes(b"b" * 100_000)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     fresh_process()
-    assert memo.file_digest(f) != first and memo.COUNTERS["bytes_hashed"] == 100_000
+    assert memo.file_digest(f, memo_dir) != first and memo.COUNTERS["bytes_hashed"] == 100_000
     # replaced by a new file (new inode), as save_pretrained does
     tmp = tmp_path / "w.tmp"
     tmp.write_bytes(b"a" * 100_000)
     os.replace(tmp, f)
     fresh_process()
-    assert memo.file_digest(f) == first and memo.COUNTERS["bytes_hashed"] == 100_000
+    assert memo.file_digest(f, memo_dir) == first and memo.COUNTERS["bytes_hashed"] == 100_000
 
 
 def test_stored_factors_are_exact_against_float64_svd(tmp_path):
@@ -214,9 +214,9 @@ def _gate_hashing(mp, release_after: int, wait_for_digest: bool = False, after_d
     real_digest, real_get, real_lowrank = memo.file_digest, evaluate.CheckpointWeights.get, evaluate._lowrank
     reads, decomposed = [], []
 
-    def held_digest(path):
+    def held_digest(path, root):
         assert release.wait(120)
-        return real_digest(path)
+        return real_digest(path, root)
 
     def get(self, target, device):
         reads.append(target)
@@ -285,7 +285,7 @@ def test_cold_overlap_stores_factors_under_their_digest_keys(tmp_path, small, me
     assert c["lowrank_writes"] == len(targets)
     digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
     weights = load_file(str(model / "model.safetensors"))
-    store = memo.LowRankStore()
+    store = memo.LowRankStore(memo_dir)
     for t in targets:
         w = weights[t.path + ".weight"].double()
         rank = min(16, *w.shape)

@@ -44,14 +44,16 @@ RECORD_SUFFIX = ".json"
 
 def default_root() -> Path:
     """$TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness
-    (the root memo.py's digest memo and low-rank store use too)."""
-    from tokenwise_harness.memo import cache_root
+    (memo.default_root: the lookup lives in the lowest layer, checkpoint.ModelDir falls back to it)."""
+    from tokenwise_harness.memo import default_root as memo_default_root
 
-    return Path(cache_root()).expanduser()
+    return memo_default_root()
 
 
 def resolve_root(option: str | os.PathLike | None) -> Path:
-    """The cache root: the flag's value when given, else default_root()."""
+    """The cache root: the flag's value when given, else default_root(). The one resolution: front
+    ends make it once and pass it on explicitly (CacheStore, run.EvalSpec.cache_dir ->
+    checkpoint.ModelDir -> memo's digest memo and engine's low-rank store)."""
     return Path(option).expanduser() if option else default_root()
 
 
@@ -257,7 +259,8 @@ def captured_xy(store: CacheStore, mdir, *, seed: int, cn: int, eu: int, length:
         log(f"capturing {record['n_tokens']} tokens of {mdir.path} -> {path} "
             "(once per model and data; later runs reuse it)")
         save_xy(mdir.path, path.parent, path.name[:-len(path.suffix)], seed=seed, cn=cn, eu=eu, length=length,
-                torch_dtype=torch_dtype, device=device, compact=compact, progress=progress, log=log)
+                torch_dtype=torch_dtype, device=device, compact=compact, progress=progress, log=log,
+                cache_root=store.root)
 
     return store.ensure(path, capture, record, log=log)
 
@@ -277,7 +280,8 @@ def smoothed_model(store: CacheStore, mdir, cache, alpha, *, build: bool = True,
 
     def build_it():
         log(f"smoothing {mdir.path} (alpha {alpha}) on {cache.path} -> {out}")
-        smooth(mdir.path, cache.path, out, alpha=alpha, chunk_tokens=chunk_tokens, device=device, log=lambda msg: None)
+        smooth(mdir.path, cache.path, out, alpha=alpha, chunk_tokens=chunk_tokens, device=device, log=lambda msg: None,
+               cache_root=store.root)
 
     return store.ensure(out, build_it, record, log=log)
 

@@ -5,8 +5,9 @@ one tensor at a time, without instantiating the model (a 70B model never has to 
 The fingerprint covers config.json and every weight file the model loads (the index's shards,
 or model.safetensors; never a stray file beside them), so any change of any weight (norms and
 embeddings included: they shape the cached X) makes a cache stale. File digests are memoized
-on disk (memo.py), so a rerun on an unchanged checkpoint reads no weight bytes for it; on a
-cold memo the CLI hashes them beside the engine (ModelDir.start_fingerprint, run.Evaluation).
+on disk (memo.py, under the cache root the ModelDir is given: `cache_root`), so a rerun on an
+unchanged checkpoint reads no weight bytes for it; on a cold memo the CLI hashes them beside
+the engine (ModelDir.start_fingerprint, run.Evaluation).
 """
 
 from __future__ import annotations
@@ -35,31 +36,38 @@ LOADED_WEIGHTS = (("model.safetensors", None), ("model.safetensors.index.json", 
                   ("pytorch_model.bin", None), ("pytorch_model.bin.index.json", "index"))
 
 
-def _file_sha256(path: Path) -> bytes:
-    """sha256 of a weight file: memoized in this process and on disk by (path, inode, size,
-    mtime_ns), so a rerun on an unchanged checkpoint reads no weight bytes (memo.file_digest)."""
+def _file_sha256(path: Path, root: Path) -> bytes:
+    """sha256 of a weight file: memoized in this process and on disk under the cache root `root`
+    by (path, inode, size, mtime_ns), so a rerun on an unchanged checkpoint reads no weight bytes
+    (memo.file_digest)."""
     from tokenwise_harness.memo import file_digest
 
-    return bytes.fromhex(file_digest(path))
+    return bytes.fromhex(file_digest(path, root))
 
 
-def _file_digests(files: list[Path]) -> list[bytes]:
+def _file_digests(files: list[Path], root: Path) -> list[bytes]:
     """_file_sha256 of every file, the shards hashed side by side (sha256 runs without the GIL)."""
     if len(files) <= 1:
-        return [_file_sha256(f) for f in files]
+        return [_file_sha256(f, root) for f in files]
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1)) as pool:
-        return list(pool.map(_file_sha256, files))
+        return list(pool.map(lambda f: _file_sha256(f, root), files))
 
 
 class ModelDir:
-    """A validated local model directory (`flag` names the CLI flag it came from)."""
+    """A validated local model directory (`flag` names the CLI flag it came from).
 
-    def __init__(self, path: str | Path, flag: str = "--model_dir"):
+    `cache_root`: the cache root its weight-file digests are memoized under and the engine keeps
+    its low-rank factors under (the front end's cache_store.resolve_root); None: memo.default_root()."""
+
+    def __init__(self, path: str | Path, flag: str = "--model_dir", cache_root: str | Path | None = None):
+        from tokenwise_harness.memo import default_root
+
         self.path = Path(path)
         self.flag = flag
+        self.cache_root = Path(cache_root) if cache_root is not None else default_root()
         if not self.path.exists():
             raise HarnessError(f"{flag} {self.path} does not exist; point it at a local Hugging Face model directory")
         if not self.path.is_dir():
@@ -133,7 +141,7 @@ class ModelDir:
         h = hashlib.sha256()
         cfg = {k: v for k, v in self.config.items() if k not in VOLATILE_CONFIG_KEYS}
         h.update(json.dumps(cfg, sort_keys=True).encode())
-        for f, digest in zip(self.weight_files, _file_digests(self.weight_files)):
+        for f, digest in zip(self.weight_files, _file_digests(self.weight_files, self.cache_root)):
             h.update(f.name.encode())
             h.update(digest)
         return h.hexdigest()
@@ -152,7 +160,7 @@ class ModelDir:
             return False
         from tokenwise_harness.memo import known_digest
 
-        if all(known_digest(f) is not None for f in self.weight_files):
+        if all(known_digest(f, self.cache_root) is not None for f in self.weight_files):
             return False
         from concurrent.futures import Future
 
@@ -250,9 +258,9 @@ class ModelDir:
         if hashing is not None and not hashing.done():
             from tokenwise_harness.memo import known_digest
 
-            digest = known_digest(shard)
+            digest = known_digest(shard, self.cache_root)
             return None if digest is None else f"{digest}:{name}"
-        return f"{_file_sha256(shard).hex()}:{name}"
+        return f"{_file_sha256(shard, self.cache_root).hex()}:{name}"
 
     @cached_property
     def smoothed(self) -> bool:

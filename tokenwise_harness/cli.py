@@ -167,6 +167,7 @@ def _add_eval_flags(p: argparse.ArgumentParser, smooth: bool) -> None:
                    help="iterated low-rank branch: up to N decompositions, best on the cache kept "
                         "(default 1 = one-shot SVD; keys gain ;iters=N when N > 1), e.g. --lowrank_iters 4")
     _add_model_load_flags(p)
+    _add_cache_dir_flag(p)
 
 
 FLOWS = f"""\
@@ -319,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_cache_dir_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_dir", default=None,
-                   help="the cache root (default $TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness, i.e. "
+                   help="the cache root: captured caches, smoothed models, the weight-digest memo and low-rank "
+                        "factors (default $TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness, i.e. "
                         "~/.cache/tokenwise_harness; pytest's --tokenwise-cache-dir), e.g. --cache_dir /data/tw_cache")
 
 
@@ -370,6 +372,7 @@ def cmd_eval(a: argparse.Namespace, smooth: bool) -> int:
     from pathlib import Path
 
     from tokenwise_harness.atomic import check_output_file, clear_leftovers
+    from tokenwise_harness.cache_store import resolve_root
     from tokenwise_harness.grid import parse_qspecs
     from tokenwise_harness.report import document as report
     from tokenwise_harness.run import EvalSpec, run_eval
@@ -386,7 +389,7 @@ def cmd_eval(a: argparse.Namespace, smooth: bool) -> int:
         weight_quantizer=a.weight_quantizer,
         no_restore=a.no_restore, torch_dtype=a.torch_dtype, device_map=a.device_map, device=a.device,
         verify_cache=a.verify_cache, no_verify_cache=a.no_verify_cache, model_flag="--smooth_model_dir" if smooth else "--model_dir",
-        lowrank_iters=a.lowrank_iters,
+        lowrank_iters=a.lowrank_iters, cache_dir=resolve_root(a.cache_dir),
         act_qspecs=parse_qspecs(a.act_qspecs, "--act_qspecs") if a.act_qspecs else [])
     result = run_eval(spec, progress=sys.stderr.isatty())
     report.write_report(result, out, flag="--out_json")

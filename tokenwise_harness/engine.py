@@ -21,8 +21,8 @@ each error term, X / s for its smooth factor -- is computed as in a pass of its 
 numbers do not depend on the grouping.
 
 Decompositions are never redone: a checkpoint weight's factors are kept in a content-keyed
-store (memo.LowRankStore: keyed by the weight's and smoothing's content ids, the rank and
-iters), so a rerun on unchanged weights does no eigendecomposition. On CUDA the next weights
+store (memo.LowRankStore under the model dir's cache root: keyed by the weight's and
+smoothing's content ids, the rank and iters), so a rerun on unchanged weights does no eigendecomposition. On CUDA the next weights
 are read and decomposed (or loaded from the store) on worker threads with their own CUDA
 streams while X streams for the current one.
 """
@@ -80,6 +80,14 @@ class CheckpointWeights:
 
     def targets(self) -> list[Target]:
         return self.model_dir.targets()
+
+    @cached_property
+    def lowrank_store(self):
+        """The low-rank store under the model dir's cache root (beside its digest memo, whose
+        digests key it); None with TOKENWISE_NO_MEMO."""
+        from tokenwise_harness import memo
+
+        return memo.LowRankStore(self.model_dir.cache_root) if memo.enabled() else None
 
     def content_id(self, target: Target) -> tuple[str, str | None] | None:
         """(weight id, smoothing id): what the weight's low-rank factors depend on (memo keys).
@@ -619,10 +627,8 @@ def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_ra
     """
     import torch
 
-    from tokenwise_harness import memo
-
-    if store is None and memo.enabled():
-        store = memo.LowRankStore()
+    if store is None:  # a checkpoint's weights: the store under its cache root
+        store = getattr(source, "lowrank_store", None)
 
     targets = list(plan)
 

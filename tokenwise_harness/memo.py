@@ -7,8 +7,11 @@
   file per entry, atomic writes, least-recently-used entries pruned past the cap), so a rerun
   on unchanged weights does no eigendecomposition.
 
-Both live in the user cache dir: $TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness,
-else ~/.cache/tokenwise_harness. Every entry is its own small file, written to a temp name and
+Both live under a cache root the caller passes in (`<root>/digests/`, `<root>/lowrank/`): the
+one cache_store.resolve_root chose (pytest's --tokenwise-cache-dir, the CLI's --cache_dir), so
+they sit beside the captured caches; `default_root()` ($TOKENWISE_CACHE_DIR, else
+$XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness) is where that resolution
+starts when no flag is given. Nothing here keeps a root of its own. Every entry is its own small file, written to a temp name and
 renamed, so concurrent runs never see half an entry and need no lock; a memo that cannot be
 written (read-only home, full disk) is skipped, never an error. `TOKENWISE_NO_MEMO=1` turns
 both off. `COUNTERS` counts the bytes hashed and the store's hits and misses (tests and
@@ -55,12 +58,14 @@ def enabled() -> bool:
     return os.environ.get("TOKENWISE_NO_MEMO", "") not in ("1", "true", "yes")
 
 
-def cache_root() -> Path:
+def default_root() -> Path:
+    """The cache root when no flag names one: $TOKENWISE_CACHE_DIR, else
+    $XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness (read when called)."""
     env = os.environ.get("TOKENWISE_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tokenwise_harness"
+    return Path(base).expanduser() / "tokenwise_harness"
 
 
 # Held while an entry is written: a process that exits without waiting for its threads
@@ -98,17 +103,20 @@ def _identity(path: Path) -> tuple:
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _memo_file(identity: tuple) -> Path:
+def _memo_file(identity: tuple, root: Path | None) -> Path | None:
+    """Where the on-disk memo of `root` keeps this identity's digest; None when it is off."""
+    if root is None or not enabled():
+        return None
     name = hashlib.sha256(json.dumps([MEMO_VERSION, *identity]).encode()).hexdigest()[:40]
-    return cache_root() / "digests" / name[:2] / f"{name}.json"
+    return Path(root) / "digests" / name[:2] / f"{name}.json"
 
 
-def _remembered(identity: tuple) -> str | None:
+def _remembered(identity: tuple, root: Path | None) -> str | None:
     """The digest of a file with this identity from the in-process or the on-disk memo, else None."""
     got = _PROCESS_DIGESTS.get(identity)
     if got is not None:
         return got
-    memo = _memo_file(identity) if enabled() else None
+    memo = _memo_file(identity, root)
     if memo is not None:
         try:
             entry = json.loads(memo.read_text(encoding="utf-8"))
@@ -121,19 +129,20 @@ def _remembered(identity: tuple) -> str | None:
     return None
 
 
-def known_digest(path: Path) -> str | None:
-    """file_digest(path) when a memo already holds it (no byte of the file is read), else None."""
-    return _remembered(_identity(Path(path)))
+def known_digest(path: Path, root: Path | None) -> str | None:
+    """file_digest(path, root) when a memo already holds it (no byte of the file is read), else None."""
+    return _remembered(_identity(Path(path)), root)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file's bytes; read from the memo when the file is unchanged."""
+def file_digest(path: Path, root: Path | None) -> str:
+    """sha256 hex digest of a file's bytes; read from the memo under the cache root `root` when
+    the file is unchanged (root None: the in-process memo only)."""
     path = Path(path)
     identity = _identity(path)
-    got = _remembered(identity)
+    got = _remembered(identity, root)
     if got is not None:
         return got
-    memo = _memo_file(identity) if enabled() else None
+    memo = _memo_file(identity, root)
     h = hashlib.sha256()
     buf = bytearray(16 << 20)
     view = memoryview(buf)
@@ -161,16 +170,17 @@ def lowrank_key(weight_id: str, smooth_id: str | None, rank: int, iters: int = 1
 
 
 class LowRankStore:
-    """Content-keyed low-rank factors on disk (L1 = U·S, L2 = Vᵀ, S), capped in bytes, LRU-pruned."""
+    """Content-keyed low-rank factors on disk (L1 = U·S, L2 = Vᵀ, S) under `<root>/lowrank/` of the
+    cache root `root`, capped in bytes, LRU-pruned."""
 
-    def __init__(self, root: Path | None = None, cap_bytes: int | None = None):
-        self.root = Path(root) if root is not None else cache_root() / "lowrank"
+    def __init__(self, root: Path, cap_bytes: int | None = None):
+        self.dir = Path(root) / "lowrank"
         env_cap = os.environ.get("TOKENWISE_LOWRANK_STORE_BYTES")
         self.cap_bytes = int(cap_bytes if cap_bytes is not None else (env_cap or DEFAULT_STORE_CAP_BYTES))
         self._total: int | None = None  # bytes in the store, known after the first scan
 
     def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+        return self.dir / key[:2] / f"{key}.safetensors"
 
     def get(self, key: str, device="cpu"):
         """{"L1", "L2", "S"} tensors on `device`, or None when absent or unreadable."""
@@ -217,7 +227,7 @@ class LowRankStore:
         """Delete the least recently used entries until the store fits its cap."""
         entries = []
         try:
-            for sub in self.root.iterdir():
+            for sub in self.dir.iterdir():
                 if not sub.is_dir():
                     continue
                 for f in sub.iterdir():

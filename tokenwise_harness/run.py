@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenwise_harness import __version__
@@ -76,6 +77,9 @@ class EvalSpec:
     verify_cache: bool = False  # check every tensor's checksum up front
     no_verify_cache: bool = False  # skip the checksum check done while each tensor streams
     model_flag: str = "--model_dir"
+    # The cache root the front end resolved (cache_store.resolve_root): the model dir's digest
+    # memo and the engine's low-rank store live under it; None: memo.default_root().
+    cache_dir: Path | None = None
     flag_style: str = "_"  # how the front end spells flags: "_" (CLI: --chunk_tokens), "-" (pytest: --chunk-tokens)
 
     @classmethod
@@ -85,7 +89,7 @@ class EvalSpec:
     @cached_property
     def mdir(self) -> ModelDir:
         """The model dir, validated once (validate, Evaluation and the plugin share it)."""
-        return ModelDir(self.model_dir, self.model_flag)
+        return ModelDir(self.model_dir, self.model_flag, cache_root=self.cache_dir)
 
     def flag(self, name: str) -> str:
         """The front end's spelling of an option: flag('chunk_tokens') -> --chunk_tokens or --chunk-tokens."""

@@ -138,8 +138,10 @@ def parse_alpha(alpha: float | str, flag: str = "--alpha") -> float | str:
 
 def smooth(model_dir: str | Path, xy_path: str | Path, out_dir: str | Path, alpha: float | str = 0.5,
            chunk_tokens: int = 4096, log: Callable[[str], None] = print,
-           search_qspec: str | None = None, search_rank: int | None = None, device: str | None = None) -> Path:
-    """The `smooth` subcommand.
+           search_qspec: str | None = None, search_rank: int | None = None, device: str | None = None,
+           cache_root: str | Path | None = None) -> Path:
+    """The `smooth` subcommand (cache_root: where the model's weight-digest memo lives, as in
+    checkpoint.ModelDir; None: the default root).
 
     alpha = 'search' runs calibrate.search_factors: per layer and input group, the exponents
     (a, b) of s = max|X|^a / max|W|^b with the lowest output error on the cache, scored with
@@ -159,7 +161,7 @@ def smooth(model_dir: str | Path, xy_path: str | Path, out_dir: str | Path, alph
         raise HarnessError(f"--out_dir {out_dir} exists and is not an empty directory; pick a new directory")
     if clear_leftovers(out_dir):
         log("smooth: removed temp files of an interrupted earlier run; starting clean")
-    mdir = ModelDir(model_dir)
+    mdir = ModelDir(model_dir, cache_root=cache_root)
     cache = XYCache(xy_path)
     hint = f"tokenwise-precision save_xy --model_dir {mdir.path} --save_path {cache.path.parent} --label {cache.path.stem}"
     cache.check_model(mdir.fingerprint, "--model_dir", hint)

@@ -50,8 +50,10 @@ def cache_path(save_path: Path, label: str) -> Path:
 
 def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch_dtype="auto",
             device_map=None, save_dtype="fp16", use_cache=False, batch_size=8, device=None,
-            corpus=None, data_fn=None, trust_remote_code=False, compact=False, progress=True, log=print) -> Path:
-    """Capture the cache; return its path. All flags are validated before the model loads."""
+            corpus=None, data_fn=None, trust_remote_code=False, compact=False, progress=True, log=print,
+            cache_root=None) -> Path:
+    """Capture the cache; return its path. All flags are validated before the model loads.
+    cache_root: where the model's weight-digest memo lives (checkpoint.ModelDir; None: the default root)."""
     import torch
 
     from tokenwise_harness.capture import data
@@ -63,7 +65,7 @@ def save_xy(model_dir, save_path, label, seed=0, cn=50, eu=80, length=128, torch
     resolve_torch_dtype(torch_dtype)
     if batch_size <= 0:
         raise HarnessError(f"--batch_size {batch_size} must be positive")
-    mdir = ModelDir(model_dir)
+    mdir = ModelDir(model_dir, cache_root=cache_root)
     final = cache_path(Path(save_path), label)
     check_not_input(final, "--save_path/--label", inputs=[("--model_dir", mdir.path)])
     final = check_output_file(cache_path(check_writable_dir(Path(save_path), "--save_path"), label),

@@ -57,7 +57,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--xy-full", action="store_true",
                 help="capture: the seed's full layout (every X and Y) instead of the compact one (shared X, no Y)")
     g.addoption("--tokenwise-cache-dir", default=None,
-                help="where captured caches and smoothed models live (default $TOKENWISE_CACHE_DIR, else "
+                help="where captured caches, smoothed models, the weight-digest memo and low-rank factors live "
+                     "(default $TOKENWISE_CACHE_DIR, else "
                      "$XDG_CACHE_HOME/tokenwise_harness, i.e. ~/.cache/tokenwise_harness); "
                      "list and prune with `tokenwise-precision cache ls|prune`")
 
@@ -79,6 +80,11 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     return _call(config, "make_scheduler", log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    _call(node.config, "configure_node", node)
 
 
 @pytest.hookimpl(tryfirst=True)

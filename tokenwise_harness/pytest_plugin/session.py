@@ -99,6 +99,7 @@ class HarnessSession:
         opt = config.getoption
         self.is_worker = xdist.is_worker(config)
         self.rootdir = Path(config.rootpath)
+        self.cache_root = self._cache_root()  # captured caches, smoothed models, digest memo, low-rank store
         self.thresholds = load_thresholds(opt("--thresholds"), default=self.rootdir / "thresholds.yaml")
         self.thresholds_path = self.thresholds.source_path  # None: built-in defaults
         grid_cfg = self.thresholds.grid or {}  # already parsed: ranks list[int], qspecs list[QSpec]
@@ -113,7 +114,8 @@ class HarnessSession:
             grid_mode=opt("--grid-mode") or grid_cfg.get("grid_mode", "combined"),
             lowrank_iters=iters if iters is not None else int(grid_cfg.get("iters", 1)),
             chunk_tokens=opt("--chunk-tokens"), quantizer=opt("--quantizer"),
-            weight_quantizer=opt("--weight-quantizer"), torch_dtype=opt("--torch-dtype"), flag_style="-")
+            weight_quantizer=opt("--weight-quantizer"), torch_dtype=opt("--torch-dtype"), flag_style="-",
+            cache_dir=self.cache_root)
         self._specs: dict = {}  # per variant: run.EvalSpec (its model dir validated once)
         self.variants = self._variants()
         self.device = self._device()
@@ -152,7 +154,6 @@ class HarnessSession:
         --junitxml), never an input or inside the baseline store, its directory creatable
         (created at session end)."""
         from tokenwise_harness.atomic import check_output_file
-        from tokenwise_harness.cache_store import resolve_root
 
         opt = self.config.getoption
         if not opt(flag):
@@ -160,8 +161,23 @@ class HarnessSession:
         return check_output_file(Path(self.config.invocation_params.dir, opt(flag)), flag, inputs=[
             *((v.flag, v.model_dir) for v in self.variants), ("--xy-path", self.xy_path),
             ("--thresholds", self.thresholds.source_path),
-            ("--tokenwise-cache-dir", resolve_root(opt("--tokenwise-cache-dir")))],
+            ("--tokenwise-cache-dir", self.cache_root)],
             stores=[("--baselines-dir", self.baselines_root)], create=False)
+
+    def _cache_root(self) -> Path:
+        """The cache root, resolved once: --tokenwise-cache-dir (relative to where pytest was
+        invoked) or the default (cache_store.resolve_root), made absolute; an xdist worker takes the
+        controller's (configure_node), so every process reads and writes the same one."""
+        from tokenwise_harness.cache_store import resolve_root
+
+        shared = xdist.from_controller(self.config, xdist.CACHE_ROOT)
+        if shared is not None:
+            return Path(shared)
+        return Path(self.config.invocation_params.dir, resolve_root(self.config.getoption("--tokenwise-cache-dir")))
+
+    def configure_node(self, node: object) -> None:
+        """An xdist worker being started (on the controller): hand it this session's cache root."""
+        xdist.to_worker(node, xdist.CACHE_ROOT, str(self.cache_root))
 
     def _variants(self) -> list[Variant]:
         opt = self.config.getoption
@@ -209,7 +225,7 @@ class HarnessSession:
         if not plain:
             raise HarnessError("--smooth-alpha needs --model-dir: it smooths that model on the cache")
         alpha = parse_alpha(opt("--smooth-alpha"), flag="--smooth-alpha")
-        out = smoothed_model(CacheStore(opt("--tokenwise-cache-dir")), self.model_dir(plain[0]),
+        out = smoothed_model(CacheStore(self.cache_root, "--tokenwise-cache-dir"), self.model_dir(plain[0]),
                              self.cache, alpha, build=not self.is_worker, chunk_tokens=self.chunk_tokens,
                              device=self.device, log=log_line(self.config))
         return Variant(True, str(out), "--smooth-alpha")
@@ -225,7 +241,7 @@ class HarnessSession:
         opt = self.config.getoption
         size = self.capture_size()
         try:
-            return captured_xy(CacheStore(opt("--tokenwise-cache-dir")), self.model_dir(plain[0]),
+            return captured_xy(CacheStore(self.cache_root, "--tokenwise-cache-dir"), self.model_dir(plain[0]),
                                seed=size["seed"], cn=size["cn"], eu=size["eu"], length=size["length"],
                                torch_dtype=opt("--torch-dtype"), device=self.device, compact=not opt("--xy-full"),
                                build=not self.is_worker, progress=progress_stream(self.config), log=log_line(self.config))

@@ -27,12 +27,23 @@ if TYPE_CHECKING:
 # sends reports, user_properties included, from the workers to the controller.
 PROP = "tokenwise_case"
 NODEID_PREFIX = "tokenwise::"
+CACHE_ROOT = "tokenwise_cache_root"  # workerinput key: the controller's resolved cache root
 _DIST_FLAGS = ("--dist", "-d", "--distload")
 
 
 def is_worker(config: pytest.Config) -> bool:
     """Whether this process is an xdist worker (xdist documents `config.workerinput` for that)."""
     return hasattr(config, "workerinput")
+
+
+def to_worker(node: object, key: str, value: str) -> None:
+    """Hand a value to an xdist worker being started (pytest_configure_node: its `workerinput`)."""
+    node.workerinput[key] = value
+
+
+def from_controller(config: pytest.Config, key: str) -> str | None:
+    """On an xdist worker, the value the controller handed it (to_worker); else None."""
+    return getattr(config, "workerinput", {}).get(key)
 
 
 def worker_device(config: pytest.Config, device: str) -> str:
