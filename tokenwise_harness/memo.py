@@ -1,6 +1,6 @@
 """Persistent memos that let a rerun skip work whose inputs did not change.
 
-* `file_digest(path)`: sha256 of a weight file, memoized on disk by the file's identity
+* `file_digest(path, root)`: sha256 of a weight file, memoized on disk by the file's identity
   (resolved path, device, inode, size, mtime_ns). A rerun on an unchanged checkpoint stats
   the files and reads no weight bytes; any rewrite (new inode, size or mtime) is rehashed.
 * `LowRankStore`: a size-capped, content-keyed store of low-rank factors (one safetensors
@@ -11,8 +11,8 @@ Both live under a cache root the caller passes in (`<root>/digests/`, `<root>/lo
 one cache_store.resolve_root chose (pytest's --tokenwise-cache-dir, the CLI's --cache_dir), so
 they sit beside the captured caches; `default_root()` ($TOKENWISE_CACHE_DIR, else
 $XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness) is where that resolution
-starts when no flag is given. Nothing here keeps a root of its own. Every entry is its own small file, written to a temp name and
-renamed, so concurrent runs never see half an entry and need no lock; a memo that cannot be
+starts when no flag is given. Nothing here keeps a root of its own. Every entry is its own
+small file, written to a temp name and renamed, so concurrent runs never see half an entry and need no lock; a memo that cannot be
 written (read-only home, full disk) is skipped, never an error. `TOKENWISE_NO_MEMO=1` turns
 both off. `COUNTERS` counts the bytes hashed and the store's hits and misses (tests and
 benchmarks read it).
