@@ -303,3 +303,36 @@ def test_cold_overlap_stores_factors_under_their_digest_keys(tmp_path, small, me
     assert not [t for t in threading.enumerate() if t.name == "tokenwise-fingerprint" and t.is_alive()]
     cold, warm = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cold", "warm"))
     assert warm == cold  # the same numbers and the same meta (fingerprint included)
+
+
+def test_a_verified_cache_is_not_hashed_again_until_it_changes(tmp_path, small, memo_dir, monkeypatch):
+    """Every tensor of an X/Y cache passing its sha256 records the file (by identity) in the memo:
+    a later open trusts it without reading a byte, while a changed byte (a new identity) is
+    checked again and refused, and with the memo off nothing is trusted."""
+    _, cache = small
+    copy = tmp_path / "xy.safetensors"
+    shutil.copy(cache, copy)
+    first = XYCache(copy)
+    assert first.checksums and not first._verified
+    first.verify_checksums()  # the last tensor's check records the whole file
+    fresh_process()
+    second = XYCache(copy)
+    assert second._verified == set(second.checksums) and memo.COUNTERS["cache_verify_hits"] == 1
+    second.verify_in_background()
+    assert not getattr(second, "_background", {})  # nothing left to hash
+    before = memo._identity(copy)
+    key = sorted(second.checksums)[0]
+    with open(copy, "r+b") as fh:  # one byte of the first tensor's data, same size
+        fh.seek(second.offsets[key] + 5)
+        b = fh.read(1)
+        fh.seek(second.offsets[key] + 5)
+        fh.write(bytes([b[0] ^ 0x40]))
+    assert memo._identity(copy) != before
+    third = XYCache(copy)
+    assert not third._verified
+    with pytest.raises(HarnessError, match="fails its checksum"):
+        third.verify_checksums()
+    shutil.copy(cache, copy)
+    XYCache(copy).verify_checksums()
+    monkeypatch.setenv("TOKENWISE_NO_MEMO", "1")
+    assert not XYCache(copy)._verified

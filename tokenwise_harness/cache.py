@@ -30,6 +30,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tokenwise_harness import memo
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.safetensors_io import DTYPES as _DTYPES
@@ -180,6 +181,8 @@ class XYCache:
                                "`tokenwise-precision save_xy` (--cn/--eu/--length > 0)")
         self._check_dtypes()
         self.checksums  # noqa: B018  (a malformed checksums field fails here, not mid-run)
+        if self.verify and self.checksums and memo.cache_verified(self.path, self._checksums_token):
+            self._verified = set(self.checksums)  # this very file passed them all before: not rehashed
 
     # -- header / metadata
     def _load_safetensors_header(self) -> None:
@@ -414,7 +417,15 @@ class XYCache:
         if got != self.checksums[key]:
             raise HarnessError(f"{self.flag} {self.path}: tensor {key} fails its checksum (corrupted file); "
                                "re-create it with `tokenwise-precision save_xy`")
+        newly = key not in self._verified
         self._verified.add(key)
+        if newly and self._verified.issuperset(self.checksums):  # the last one: remember the whole file
+            memo.remember_cache_verified(self.path, self._checksums_token)
+
+    @cached_property
+    def _checksums_token(self) -> str:
+        """What a verified-cache memo entry vouches for: this checksum set (with the file's identity)."""
+        return hashlib.sha256(json.dumps(sorted(self.checksums.items())).encode()).hexdigest()
 
     @cached_property
     def checksums(self) -> dict[str, str]:

@@ -3,6 +3,10 @@
 * `file_digest(path, root)`: sha256 of a weight file, memoized on disk by the file's identity
   (resolved path, device, inode, size, mtime_ns). A rerun on an unchanged checkpoint stats
   the files and reads no weight bytes; any rewrite (new inode, size or mtime) is rehashed.
+* `cache_verified(path, token)` / `remember_cache_verified`: an X/Y cache whose every tensor
+  passed its sha256 check is remembered by the same file identity, so a rerun on an unchanged
+  cache does not hash its gigabytes again (a rewrite, copy or truncation is a new identity and
+  is checked again; bytes changed under an unchanged identity are what this trusts).
 * `LowRankStore`: a size-capped, content-keyed store of low-rank factors (one safetensors
   file per entry, atomic writes, least-recently-used entries pruned past the cap), so a rerun
   on unchanged weights does no eigendecomposition.
@@ -33,7 +37,7 @@ MEMO_VERSION = "1"
 DEFAULT_STORE_CAP_BYTES = 8 << 30
 
 COUNTERS = {"bytes_hashed": 0, "files_hashed": 0, "digest_memo_hits": 0,
-            "lowrank_hits": 0, "lowrank_misses": 0, "lowrank_writes": 0}
+            "lowrank_hits": 0, "lowrank_misses": 0, "lowrank_writes": 0, "cache_verify_hits": 0}
 
 _PROCESS_DIGESTS: dict[tuple, str] = {}
 _LOCK = threading.Lock()  # digests are computed on several threads at once
@@ -157,6 +161,40 @@ def file_digest(path: Path, root: Path | None) -> str:
         if memo is not None:
             _write_atomic(memo, json.dumps({"identity": list(identity), "sha256": digest}).encode())
     return digest
+
+
+# ------------------------------------------------------------------ verified X/Y caches
+
+
+def _verified_file(identity: tuple, token: str) -> Path:
+    name = hashlib.sha256(json.dumps([MEMO_VERSION, "verified", *identity, token]).encode()).hexdigest()[:40]
+    return cache_root() / "verified" / name[:2] / f"{name}.json"
+
+
+def cache_verified(path: Path, token: str) -> bool:
+    """Whether this very file (same identity) passed every checksum of `token` (its checksum set) before."""
+    if not enabled():
+        return False
+    try:
+        identity = _identity(Path(path))
+        entry = json.loads(_verified_file(identity, token).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(entry, dict) or entry.get("identity") != list(identity) or entry.get("token") != token:
+        return False
+    _count("cache_verify_hits")
+    return True
+
+
+def remember_cache_verified(path: Path, token: str) -> None:
+    """Record that every checksum of `token` matched this file's bytes. Never raises."""
+    if not enabled():
+        return
+    try:
+        identity = _identity(Path(path))
+    except OSError:
+        return
+    _write_atomic(_verified_file(identity, token), json.dumps({"identity": list(identity), "token": token}).encode())
 
 
 # ------------------------------------------------------------------ low-rank factors
