@@ -365,7 +365,8 @@ def test_cli_cache_dir_moves_the_digest_memo_and_lowrank_store(model, monkeypatc
     assert warm["bytes_hashed"] == 0 and warm["eigh"] == 0 and warm["lowrank_hits"] == n_weights
     assert _memo_files(root) == files and not other.exists()
     assert {k: p for k, (_, p) in _cache_ls(root, capsys).items()} == {"digests": root / "digests",
-                                                                       "lowrank": root / "lowrank"}
+                                                                       "lowrank": root / "lowrank",
+                                                                       "verified": root / "verified"}
 
 
 def test_xdist_workers_use_the_controllers_cache_dir(pytester, model, monkeypatch, tmp_path):

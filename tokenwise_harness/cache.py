@@ -157,8 +157,11 @@ class CacheEntry:
 class XYCache:
     """A validated, lazily read X/Y cache (`.safetensors`, or the `.pt` fallback)."""
 
-    def __init__(self, path: str | Path, flag: str = "--xy_path", verify: bool = True):
+    def __init__(self, path: str | Path, flag: str = "--xy_path", verify: bool = True,
+                 cache_root: str | Path | None = None):
         self.path = Path(path)
+        # Where the verified-cache memo lives: the front end's resolved cache root, else the default one.
+        self.memo_root = Path(cache_root) if cache_root is not None else memo.default_root()
         self.flag = flag
         # verify: check each tensor's sha256 as its rows stream past in order (see rows()).
         self.verify = verify
@@ -181,7 +184,7 @@ class XYCache:
                                "`tokenwise-precision save_xy` (--cn/--eu/--length > 0)")
         self._check_dtypes()
         self.checksums  # noqa: B018  (a malformed checksums field fails here, not mid-run)
-        if self.verify and self.checksums and memo.cache_verified(self.path, self._checksums_token):
+        if self.verify and self.checksums and memo.cache_verified(self.path, self._checksums_token, self.memo_root):
             self._verified = set(self.checksums)  # this very file passed them all before: not rehashed
 
     # -- header / metadata
@@ -420,7 +423,7 @@ class XYCache:
         newly = key not in self._verified
         self._verified.add(key)
         if newly and self._verified.issuperset(self.checksums):  # the last one: remember the whole file
-            memo.remember_cache_verified(self.path, self._checksums_token)
+            memo.remember_cache_verified(self.path, self._checksums_token, self.memo_root)
 
     @cached_property
     def _checksums_token(self) -> str:

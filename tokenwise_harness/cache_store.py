@@ -38,7 +38,7 @@ from tokenwise_harness.errors import HarnessError
 
 APP_NAME = "tokenwise_harness"
 KINDS = ("xy", "smoothed")
-MEMO_KINDS = ("lowrank", "digests")  # memo.py's stores: listed and pruned as one entry each
+MEMO_KINDS = ("lowrank", "digests", "verified")  # memo.py's stores: listed and pruned as one entry each
 RECORD_SUFFIX = ".json"
 
 

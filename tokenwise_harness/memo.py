@@ -166,18 +166,19 @@ def file_digest(path: Path, root: Path | None) -> str:
 # ------------------------------------------------------------------ verified X/Y caches
 
 
-def _verified_file(identity: tuple, token: str) -> Path:
+def _verified_file(identity: tuple, token: str, root: Path) -> Path:
     name = hashlib.sha256(json.dumps([MEMO_VERSION, "verified", *identity, token]).encode()).hexdigest()[:40]
-    return cache_root() / "verified" / name[:2] / f"{name}.json"
+    return Path(root) / "verified" / name[:2] / f"{name}.json"
 
 
-def cache_verified(path: Path, token: str) -> bool:
-    """Whether this very file (same identity) passed every checksum of `token` (its checksum set) before."""
-    if not enabled():
+def cache_verified(path: Path, token: str, root: Path | None) -> bool:
+    """Whether this very file (same identity) passed every checksum of `token` (its checksum set)
+    before, by the memo under the cache root `root` (None: off)."""
+    if root is None or not enabled():
         return False
     try:
         identity = _identity(Path(path))
-        entry = json.loads(_verified_file(identity, token).read_text(encoding="utf-8"))
+        entry = json.loads(_verified_file(identity, token, root).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not isinstance(entry, dict) or entry.get("identity") != list(identity) or entry.get("token") != token:
@@ -186,15 +187,15 @@ def cache_verified(path: Path, token: str) -> bool:
     return True
 
 
-def remember_cache_verified(path: Path, token: str) -> None:
-    """Record that every checksum of `token` matched this file's bytes. Never raises."""
-    if not enabled():
+def remember_cache_verified(path: Path, token: str, root: Path | None) -> None:
+    """Record under `root` that every checksum of `token` matched this file's bytes. Never raises."""
+    if root is None or not enabled():
         return
     try:
         identity = _identity(Path(path))
     except OSError:
         return
-    _write_atomic(_verified_file(identity, token), json.dumps({"identity": list(identity), "token": token}).encode())
+    _write_atomic(_verified_file(identity, token, root), json.dumps({"identity": list(identity), "token": token}).encode())
 
 
 # ------------------------------------------------------------------ low-rank factors

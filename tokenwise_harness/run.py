@@ -188,7 +188,7 @@ class Evaluation:
         self.device = pick_device(spec.device, spec.flag("device"))
         self.mdir = spec.mdir
         self.cache = cache if cache is not None else XYCache(spec.xy_path, spec.flag("xy_path"),
-                                                              verify=not spec.no_verify_cache)
+                                                              verify=not spec.no_verify_cache, cache_root=spec.cache_dir)
         if overlap_fingerprint:
             self.mdir.start_fingerprint()
         self._model_checked = check_cache_model(self.cache, self.mdir, spec.smooth, wait=not overlap_fingerprint)

@@ -205,9 +205,9 @@ class HarnessSession:
         from tokenwise_harness.cache import XYCache
 
         if self.xy_path:
-            self.cache = XYCache(self.xy_path, "--xy-path")
+            self.cache = XYCache(self.xy_path, "--xy-path", cache_root=self.cache_root)
         else:
-            self.cache = XYCache(self._captured_cache(), "--xy-path")
+            self.cache = XYCache(self._captured_cache(), "--xy-path", cache_root=self.cache_root)
         for v in self.variants:
             self.evaluation(v)  # the cache must come from this model
         if self.config.getoption("--smooth-alpha") is not None:
