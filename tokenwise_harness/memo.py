@@ -3,7 +3,7 @@
 * `file_digest(path, root)`: sha256 of a weight file, memoized on disk by the file's identity
   (resolved path, device, inode, size, mtime_ns). A rerun on an unchanged checkpoint stats
   the files and reads no weight bytes; any rewrite (new inode, size or mtime) is rehashed.
-* `cache_verified(path, token)` / `remember_cache_verified`: an X/Y cache whose every tensor
+* `cache_verified(path, token, root)` / `remember_cache_verified`: an X/Y cache whose every tensor
   passed its sha256 check is remembered by the same file identity, so a rerun on an unchanged
   cache does not hash its gigabytes again (a rewrite, copy or truncation is a new identity and
   is checked again; bytes changed under an unchanged identity are what this trusts).
@@ -11,15 +11,15 @@
   file per entry, atomic writes, least-recently-used entries pruned past the cap), so a rerun
   on unchanged weights does no eigendecomposition.
 
-Both live under a cache root the caller passes in (`<root>/digests/`, `<root>/lowrank/`): the
-one cache_store.resolve_root chose (pytest's --tokenwise-cache-dir, the CLI's --cache_dir), so
-they sit beside the captured caches; `default_root()` ($TOKENWISE_CACHE_DIR, else
-$XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness) is where that resolution
-starts when no flag is given. Nothing here keeps a root of its own. Every entry is its own
-small file, written to a temp name and renamed, so concurrent runs never see half an entry and need no lock; a memo that cannot be
-written (read-only home, full disk) is skipped, never an error. `TOKENWISE_NO_MEMO=1` turns
-both off. `COUNTERS` counts the bytes hashed and the store's hits and misses (tests and
-benchmarks read it).
+All three live under a cache root the caller passes in (`<root>/digests/`, `<root>/verified/`,
+`<root>/lowrank/`): the one cache_store.resolve_root chose (pytest's --tokenwise-cache-dir, the
+CLI's --cache_dir), so they sit beside the captured caches; `default_root()`
+($TOKENWISE_CACHE_DIR, else $XDG_CACHE_HOME/tokenwise_harness, else ~/.cache/tokenwise_harness)
+is where that resolution starts when no flag is given. Nothing here keeps a root of its own.
+Every entry is its own small file, written to a temp name and renamed, so concurrent runs never
+see half an entry and need no lock; a memo that cannot be written (read-only home, full disk)
+is skipped, never an error. `TOKENWISE_NO_MEMO=1` turns them off. `COUNTERS` counts the bytes
+hashed and the memos' hits and misses (tests and benchmarks read it).
 """
 
 from __future__ import annotations
@@ -107,12 +107,29 @@ def _identity(path: Path) -> tuple:
     return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _memo_file(identity: tuple, root: Path | None) -> Path | None:
-    """Where the on-disk memo of `root` keeps this identity's digest; None when it is off."""
+def _entry_file(root: Path | None, kind: str, key: list) -> Path | None:
+    """Where the on-disk memo of `root` keeps the `kind` entry of `key` (JSON-able parts, the
+    file identity among them); None when it is off."""
     if root is None or not enabled():
         return None
-    name = hashlib.sha256(json.dumps([MEMO_VERSION, *identity]).encode()).hexdigest()[:40]
-    return Path(root) / "digests" / name[:2] / f"{name}.json"
+    name = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:40]
+    return Path(root) / kind / name[:2] / f"{name}.json"
+
+
+def _read_entry(file: Path | None, identity: tuple) -> dict | None:
+    """The JSON entry in `file` when it is one and vouches for this very identity, else None."""
+    if file is None:
+        return None
+    try:
+        entry = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) and entry.get("identity") == list(identity) else None
+
+
+def _memo_file(identity: tuple, root: Path | None) -> Path | None:
+    """Where the on-disk memo of `root` keeps this identity's digest; None when it is off."""
+    return _entry_file(root, "digests", [MEMO_VERSION, *identity])
 
 
 def _remembered(identity: tuple, root: Path | None) -> str | None:
@@ -120,16 +137,11 @@ def _remembered(identity: tuple, root: Path | None) -> str | None:
     got = _PROCESS_DIGESTS.get(identity)
     if got is not None:
         return got
-    memo = _memo_file(identity, root)
-    if memo is not None:
-        try:
-            entry = json.loads(memo.read_text(encoding="utf-8"))
-            if entry.get("identity") == list(identity) and isinstance(entry.get("sha256"), str):
-                _count("digest_memo_hits")
-                _PROCESS_DIGESTS[identity] = entry["sha256"]
-                return entry["sha256"]
-        except (OSError, ValueError, AttributeError):
-            pass
+    entry = _read_entry(_memo_file(identity, root), identity)
+    if entry is not None and isinstance(entry.get("sha256"), str):
+        _count("digest_memo_hits")
+        _PROCESS_DIGESTS[identity] = entry["sha256"]
+        return entry["sha256"]
     return None
 
 
@@ -166,22 +178,19 @@ def file_digest(path: Path, root: Path | None) -> str:
 # ------------------------------------------------------------------ verified X/Y caches
 
 
-def _verified_file(identity: tuple, token: str, root: Path) -> Path:
-    name = hashlib.sha256(json.dumps([MEMO_VERSION, "verified", *identity, token]).encode()).hexdigest()[:40]
-    return Path(root) / "verified" / name[:2] / f"{name}.json"
+def _verified_file(identity: tuple, token: str, root: Path | None) -> Path | None:
+    return _entry_file(root, "verified", [MEMO_VERSION, "verified", *identity, token])
 
 
 def cache_verified(path: Path, token: str, root: Path | None) -> bool:
     """Whether this very file (same identity) passed every checksum of `token` (its checksum set)
     before, by the memo under the cache root `root` (None: off)."""
-    if root is None or not enabled():
-        return False
     try:
         identity = _identity(Path(path))
-        entry = json.loads(_verified_file(identity, token, root).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except OSError:
         return False
-    if not isinstance(entry, dict) or entry.get("identity") != list(identity) or entry.get("token") != token:
+    entry = _read_entry(_verified_file(identity, token, root), identity)
+    if entry is None or entry.get("token") != token:
         return False
     _count("cache_verify_hits")
     return True
@@ -189,13 +198,13 @@ def cache_verified(path: Path, token: str, root: Path | None) -> bool:
 
 def remember_cache_verified(path: Path, token: str, root: Path | None) -> None:
     """Record under `root` that every checksum of `token` matched this file's bytes. Never raises."""
-    if root is None or not enabled():
-        return
     try:
         identity = _identity(Path(path))
     except OSError:
         return
-    _write_atomic(_verified_file(identity, token, root), json.dumps({"identity": list(identity), "token": token}).encode())
+    file = _verified_file(identity, token, root)
+    if file is not None:
+        _write_atomic(file, json.dumps({"identity": list(identity), "token": token}).encode())
 
 
 # ------------------------------------------------------------------ low-rank factors
