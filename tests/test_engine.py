@@ -14,7 +14,7 @@ from tokenwise_harness import engine as evaluate
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.checkpoint import ModelDir
-from tokenwise_harness.grid import build_grid, parse_qspecs
+from tokenwise_harness.grid import SvdqConfig, build_grid, parse_qspecs
 from tokenwise_harness.numerics.svdq import fake_quantize_weight
 from tokenwise_harness.report import document as report
 from tokenwise_harness.run import EvalSpec, Evaluation, run_eval
@@ -49,6 +49,40 @@ def reference_metrics(x, y, w_tilde, b):
             "token_l2_max": e_l2.max(), "token_rel_l2_mean": (e_l2 / y_l2).mean(),
             "token_rel_l2_max": (e_l2 / y_l2).max(), "n_tokens": x.shape[0],
             "sqnr_db": -10 * np.log10(sse / denom)}
+
+
+def test_one_shot_configs_of_an_iterated_grid_take_quantization_delta(qwen2, monkeypatch):
+    """A grid with iterated configs (--lowrank_iters > 1) gives the engine Gram matrices; its
+    one-shot configs must still reach svdq.quantization_delta (the fused ΔW on CUDA), with the
+    numbers of a one-shot grid and of the plain torch composition (a user's quantize_fn)."""
+    from tokenwise_harness.numerics import svdq
+
+    model_dir, cache_path = qwen2
+    cache, source = XYCache(cache_path), evaluate.CheckpointWeights(ModelDir(model_dir), False)
+    grid = build_grid([0, 8], parse_qspecs("nvfp4@16"), "full", iters=3) + [SvdqConfig(8, "nvfp4", 16)]
+    one_shot = [c for c in grid if c.iters == 1]
+    assert {c.key for c in one_shot} == {"rank=0;fmt=nvfp4;blk=16", "rank=8;fmt=nvfp4;blk=16"}
+
+    def composed(w, cfg, lowrank=None, name="weight", gram=None):  # not the built-in: the torch composition
+        return fake_quantize_weight(w, cfg, lowrank=lowrank, name=name, gram=gram)
+
+    reference = evaluate.evaluate_grid(cache, source, grid, 37, "cpu", progress=False, quantize_fn=composed)
+    alone = evaluate.evaluate_grid(cache, source, one_shot, 37, "cpu", progress=False)
+    real, calls = svdq.quantization_delta, []
+
+    def counted(w, cfg, *args, **kw):
+        calls.append(cfg)
+        return real(w, cfg, *args, **kw)
+
+    monkeypatch.setattr(svdq, "quantization_delta", counted)
+    mixed = evaluate.evaluate_grid(cache, source, grid, 37, "cpu", progress=False)
+    n = len(cache.targets)
+    assert len(mixed) == n
+    for cfg in grid:  # every weights-only config of the built-in quantizer, once per weight
+        assert calls.count(cfg) == n, cfg.key
+    assert mixed == reference
+    for key, metrics in alone.items():
+        assert {c.key: mixed[key][c.key] for c in one_shot} == metrics, key
 
 
 @pytest.mark.parametrize("chunk_tokens", [37, 4096])

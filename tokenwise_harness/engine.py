@@ -553,19 +553,17 @@ class _Walk:
 
     def score_group(self, group: list, grams) -> None:
         """Every weight of one input group: one pass over its X, or more when the ΔW do not fit."""
-        from tokenwise_harness.numerics import svdq
-
         ready = {}
         for item in group:
             if item.error is not None:
                 self.fail(item.target, item.error)
                 continue
-            qfn = self.quantize_fn
+            gram = None  # H of the weight's inputs, for its iterated configs (config_term)
             if grams is not None and not self.weight_level:
                 t1 = _now(self.device)
-                qfn = svdq.with_gram(self.quantize_fn, grams.get(item.target, item.triple.smooth))
+                gram = grams.get(item.target, item.triple.smooth)
                 self.stats.seconds_decompose += _now(self.device) - t1
-            ready[item.target] = (item, qfn)
+            ready[item.target] = (item, gram)
         work = [(t, item.triple.weight.numel(), self.plan[t]) for t, (item, _) in ready.items()]
         for one_pass in pass_plan(work, self.device):
             self.score_pass({t: ready[t] for t in one_pass if t not in self.dropped}, one_pass)
@@ -574,10 +572,10 @@ class _Walk:
     def score_pass(self, ready: dict, one_pass: dict[Target, list[SvdqConfig]]) -> None:
         t2 = _now(self.device)
         members = []
-        for target, (item, qfn) in ready.items():
+        for target, (item, gram) in ready.items():
             try:
                 check_dims(self.cache, target, item.triple.weight)
-                terms = {cfg.key: config_term(item.triple, cfg, item.lowrank, qfn, target.path)
+                terms = {cfg.key: config_term(item.triple, cfg, item.lowrank, self.quantize_fn, target.path, gram)
                          for cfg in one_pass[target]}
             except HarnessError as exc:
                 self.fail(target, exc)
@@ -716,22 +714,27 @@ def _lowrank(source, target: Target, triple: WeightTriple, max_rank: int, store,
     return lowrank, True
 
 
-def config_term(triple: WeightTriple, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str) -> ConfigTerm:
+def config_term(triple: WeightTriple, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str,
+                gram=None) -> ConfigTerm:
     """ΔW of one config (and, for W4A4, Q_w(R): the residual branch the quantized X multiplies).
 
-    The built-in quantizer returns W~ (float32); a weight-level kernel returns its checked
-    output, W~ or SvdqParts (the residual branch read off the parts).
+    The built-in quantizer's weights-only configs, one-shot or iterated, take
+    svdq.quantization_delta (fused on CUDA). Otherwise a tensor-level quantize_fn returns W~
+    (float32); a weight-level kernel returns its checked output, W~ or SvdqParts (the residual
+    branch read off the parts). `gram`: H = XᵀX of the weight's (smoothed) inputs, which
+    iterated configs (iters > 1) of a tensor-level quantizer are given (svdq.with_gram).
     """
     from tokenwise_harness.kernels.protocol import SvdqParts
     from tokenwise_harness.numerics import svdq
 
     w = triple.weight
     if quantize_fn is svdq.fake_quantize_weight and cfg.afmt is None:
-        return ConfigTerm(svdq.quantization_delta(w, cfg, lowrank, name))  # fused on CUDA, same bits
+        return ConfigTerm(svdq.quantization_delta(w, cfg, lowrank, name, gram=gram))  # fused on CUDA, same bits
     if getattr(quantize_fn, "weight_level", False):
         out = quantize_fn(triple.stored, cfg, name=name)
     else:
-        out = quantize_fn(w, cfg, lowrank=lowrank, name=name)
+        qfn = quantize_fn if gram is None else svdq.with_gram(quantize_fn, gram)
+        out = qfn(w, cfg, lowrank=lowrank, name=name)
     residual_q = None
     if isinstance(out, SvdqParts):
         residual_q = out.residual
