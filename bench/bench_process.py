@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="scratch dir for models and caches (default: /dev/shm or /tmp)")
     p.add_argument("--small", action="store_true", help="CPU-sized shapes")
     p.add_argument("--big_tokens", type=int, default=None, help="tokens of the 36-layer synthetic cache")
-    p.add_argument("--skip", default="", help="comma-separated row groups to skip: seed,floors,stray,marginal,big,gate,gate_update")
+    p.add_argument("--skip", default="", help="comma-separated row groups to skip: seed,floors,stray,profile,marginal,big,gate,gate_update")
     p.add_argument("--synthetic4", action="store_true",
                    help="the 4-layer model and its seed-layout cache written directly (random fp32 weights, random X, "
                         "Y = X·Wᵀ) instead of make_demo_model + save_xy: the same shapes, a minute less")
@@ -411,6 +411,12 @@ def main(argv=None) -> int:
     env_a = {"TOKENWISE_CACHE_DIR": str(memo_a)}
     process("eval_fake_cold", [*eval_args, f"--out_json={work / 'cold.json'}"], env_a)
     process("eval_fake_warm", [*eval_args, f"--out_json={work / 'warm.json'}"], env_a)
+    if "profile" not in skip:  # where the process's time goes, cold (a fresh memo) and warm: the main thread
+        process("eval_fake_cold_profiled", [str(ROOT / "bench" / "profile_eval.py"), f"--out={OUT / 'profile_cold.txt'}",
+                                            "--", *eval_args[2:], f"--out_json={work / 'cold_p.json'}"],
+                {"TOKENWISE_CACHE_DIR": str(work / "memo_p")})
+        process("eval_fake_warm_profiled", [str(ROOT / "bench" / "profile_eval.py"), f"--out={OUT / 'profile_warm.txt'}",
+                                            "--", *eval_args[2:], f"--out_json={work / 'warm_p.json'}"], env_a)
     if "stray" not in skip:
         os.link(cache, m4 / "xy-seed.safetensors")  # a stray *.safetensors in the model dir (no copy)
         process("eval_fake_warm_cache_in_model_dir", [*eval_args, f"--out_json={work / 'stray.json'}"], env_a)
