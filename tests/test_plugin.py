@@ -332,6 +332,30 @@ def test_provenance_mismatch_explained_benign_difference_warned(pytester, harnes
 # ---------------------------------------------------------------- 4. the artifact
 
 
+def test_the_session_never_changes_a_cached_spec(pytester, harness, demo):
+    """A variant's EvalSpec is made once, before the cache is known, and shared (validation, baselines,
+    provenance); its Evaluation reads the session's cache through a copy with that cache's path and the
+    same validated ModelDir, so the cached spec stays as made."""
+    pytester.makeconftest(
+        """
+        import json
+
+        def pytest_sessionfinish(session):
+            hs = session.config.pluginmanager.get_plugin("tokenwise-session")
+            seen = []
+            for variant, spec in hs._specs.items():
+                ev = hs.evaluation(variant)
+                seen.append(dict(cached=spec.xy_path, evaluation=ev.spec.xy_path, cache=str(hs.cache.path),
+                                 copy=ev.spec is not spec, one_mdir=ev.mdir is spec.mdir is hs.model_dir(variant)))
+            with open("specs.json", "w") as fh:
+                json.dump(seen, fh)
+        """
+    )
+    harness("-k", "layer0-self_attn-q_proj-rank8", "--update-baselines").assert_outcomes(passed=1)
+    seen = json.loads((pytester.path / "specs.json").read_text())
+    assert seen == [dict(cached="", evaluation=str(demo.cache), cache=str(demo.cache), copy=True, one_mdir=True)]
+
+
 def test_report_artifact_and_summary_table(pytester, harness, demo):
     pytester.makefile(".yaml", thresholds="defaults: {nmse: 0.5}\nrules:\n"
                       "  - match: {proj: down_proj, rank: 8}\n    limits: {nmse: 1.0e-9}\n")

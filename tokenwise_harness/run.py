@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,6 +90,13 @@ class EvalSpec:
     def mdir(self) -> ModelDir:
         """The model dir, validated once (validate, Evaluation and the plugin share it)."""
         return ModelDir(self.model_dir, self.model_flag, cache_root=self.cache_dir)
+
+    def with_xy_path(self, xy_path: str) -> EvalSpec:
+        """A copy of this spec reading the cache at `xy_path` (the pytest plugin finds its cache after
+        validating), sharing its validated model dir; this spec is left as it is."""
+        spec = replace(self, xy_path=xy_path)
+        spec.mdir = self.mdir  # the cached_property's value: one ModelDir (and fingerprint) per model
+        return spec
 
     def flag(self, name: str) -> str:
         """The front end's spelling of an option: flag('chunk_tokens') -> --chunk_tokens or --chunk-tokens."""

@@ -427,8 +427,7 @@ class HarnessSession:
         from tokenwise_harness.run import Evaluation
 
         if variant not in self._evaluations:
-            spec = self._spec(variant)
-            spec.xy_path = str(self.cache.path)
+            spec = self._spec(variant).with_xy_path(str(self.cache.path))  # the cached spec stays as made
             self._evaluations[variant] = Evaluation(spec, self.cache)
         return self._evaluations[variant]
 
