@@ -26,13 +26,14 @@ import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenwise_harness import memo
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
+from tokenwise_harness.host_arena import HostArena, layout
 from tokenwise_harness.safetensors_io import DTYPES as _DTYPES
 from tokenwise_harness.safetensors_io import ITEMSIZE as _ITEMSIZE
 from tokenwise_harness.safetensors_io import FormatError, ParallelReader, piece_size, read_header
@@ -169,6 +170,8 @@ class XYCache:
         self._verified: set[str] = set()
         # Bytes of each tensor handed out by rows() and stream(): what the engine's I/O costs.
         self.bytes_served: Counter[str] = Counter()
+        # Where CUDA streams stage their chunks: one pinned block for the cache's lifetime (host_arena.py).
+        self.arena = HostArena(pin=True)
         if not self.path.is_file():
             raise HarnessError(f"{flag} {self.path} does not exist; create it with `tokenwise-precision save_xy`")
         if self.path.suffix == ".pt":
@@ -385,23 +388,52 @@ class XYCache:
         """Yield (start, end, [rows of each key on `device`]) over every token, chunk by chunk.
 
         The fast path for the engine: each chunk is read with plain positioned reads by
-        background threads (on CUDA into a reusable pinned buffer, copied to the device
+        background threads (on CUDA into the cache's pinned arena, copied to the device
         asynchronously; on the CPU straight into the tensor that is yielded) while the caller
         computes on the previous chunk. Each key's rows of a chunk are split into pieces read
         side by side (`threads` readers, default one per core up to 16; `piece_bytes` each,
         default sized from the chunk), since one reading thread is slower than the file system.
         With `verify` the bytes are hashed in file order as they land.
-        Host memory stays at two chunks per key, and no file pages are mapped into the process.
+        Host memory on CUDA stays at the arena: two chunks of the widest stream the run opens
+        (reserve_for), one block for every stream, never grown once reserved; on the CPU the
+        yielded tensors are the caller's. No file pages are mapped into the process.
         A None key yields None. `chunk_tokens` beyond the cache's token count is clamped to it
         (a huge --chunk_tokens allocates no more than the cache holds).
         """
-        chunk_tokens = max(1, min(int(chunk_tokens), self.n_tokens))
+        chunk_tokens = self._clamp_chunk(chunk_tokens)
         if self._pt is not None or not all(k is None or k in self.offsets for k in keys):
             for start in range(0, self.n_tokens, chunk_tokens):
                 end = min(start + chunk_tokens, self.n_tokens)
                 yield start, end, [None if k is None else self.rows(k, start, end).to(device) for k in keys]
             return
         yield from _ChunkStream(self, list(keys), chunk_tokens, device, threads, piece_bytes)
+
+    def _clamp_chunk(self, chunk_tokens: int) -> int:
+        return max(1, min(int(chunk_tokens), self.n_tokens))
+
+    def stream_slot_bytes(self, keys: list[str | None], chunk_tokens: int) -> int:
+        """Arena bytes one slot of a CUDA stream of `keys` takes: one page-aligned chunk per
+        distinct key (0 for a cache that streams without the arena: the .pt fallback)."""
+        if self._pt is not None:
+            return 0
+        chunk = self._clamp_chunk(chunk_tokens)
+        live = dict.fromkeys(k for k in keys if k is not None)
+        return layout([chunk * self.shapes[k][1][1] * _ITEMSIZE[self.shapes[k][0]] for k in live])[1]
+
+    def reserve_for(self, targets, chunk_tokens: int) -> None:
+        """Size the pinned arena up front for every stream scoring `targets` will open (one per
+        input group: its X and each weight's Y), so it is allocated once, at the first CUDA
+        stream, and never grows mid-run. Allocates nothing itself (nothing at all on the CPU)."""
+        groups: dict[str, list[str | None]] = {}
+        for target in targets:
+            e = self._entry_of.get(target)
+            if e is not None:
+                groups.setdefault(e.x_key, [e.x_key]).append(e.y_key)
+        self.arena.reserve(max((self.stream_slot_bytes(keys, chunk_tokens) for keys in groups.values()), default=0))
+
+    def close(self) -> None:
+        """Release the pinned arena (the cache stays usable: a later CUDA stream allocates it again)."""
+        self.arena.release()
 
     def _hash_rows(self, key: str, start: int, t) -> None:
         running = hashlib.sha256() if start == 0 else self._streams.get(key, (None, None))[1]
@@ -476,6 +508,12 @@ class _ChunkStream:
     piece straight into its place in the key's buffer for that slot. A key that is verified
     here has its own one-thread hasher, which hashes a chunk once all its pieces have landed,
     chunk after chunk in order, while the caller computes on the previous chunk.
+
+    On CUDA the two slots' buffers are views of the cache's pinned arena (host_arena.py); a
+    read into a slot waits for the arena's event after that slot's last copies to the device.
+    A stream opened while another still holds the arena (one abandoned mid-way, its frame
+    still alive) gets an arena of its own, released when it ends. On the CPU each slot is
+    plain tensors, replaced by new ones once the caller holds those (it keeps what is yielded).
     """
 
     def __init__(self, cache: XYCache, keys: list[str | None], chunk_tokens: int, device,
@@ -486,14 +524,32 @@ class _ChunkStream:
         self.cuda = self.device.type == "cuda"
         self.threads, self.piece_bytes = threads, piece_bytes
         live = list(dict.fromkeys(k for k in keys if k is not None))
-        self.buffers = [{k: torch.empty((chunk_tokens, cache.shapes[k][1][1]),
-                                        dtype=getattr(torch, _TORCH_DTYPES[cache.shapes[k][0]]),
-                                        pin_memory=self.cuda) for k in live} for _ in range(2)]
-        self.events = [None, None]
+        self.specs = [(k, (chunk_tokens, cache.shapes[k][1][1]), cache.torch_dtype(k)) for k in live]
+        self.buffers: list[dict] = []
+        self.arena: HostArena | None = None
         self.hashers = {k: hashlib.sha256() for k in live if cache.verify and k in cache.checksums
                         and k not in cache._verified and not cache._hashed_elsewhere(k)}
 
     def __iter__(self):
+        import torch
+
+        if not self.cuda:
+            self.buffers = [{k: torch.empty(shape, dtype=dtype) for k, shape, dtype in self.specs} for _ in range(2)]
+            yield from self._run()
+            return
+        shared = self.cache.arena.acquire()
+        self.arena = self.cache.arena if shared else HostArena(pin=True)
+        try:
+            self.buffers = [self.arena.carve(slot, self.specs) for slot in range(2)]
+            yield from self._run()
+        finally:
+            self.buffers = []
+            if shared:
+                self.arena.done()
+            else:
+                self.arena.release()
+
+    def _run(self):
         from concurrent.futures import ThreadPoolExecutor
 
         starts = list(range(0, self.cache.n_tokens, self.chunk))
@@ -526,8 +582,7 @@ class _ChunkStream:
         slot = i % 2
         if not self.cuda and i >= 2:  # the caller owns the CPU tensors yielded from this slot: read into new ones
             self.buffers[slot] = {k: b.new_empty(b.shape) for k, b in self.buffers[slot].items()}
-        event = self.events[slot]
-        before = event.synchronize if event is not None else None
+        before = partial(self.arena.wait, slot) if self.cuda else None
         futures = []
         for key, buf in self.buffers[slot].items():
             view = _byte_view(buf[:n])
@@ -542,8 +597,6 @@ class _ChunkStream:
         return futures
 
     def _to_device(self, i, start):
-        import torch
-
         n = min(self.chunk, self.cache.n_tokens - start)
         slot = i % 2
         out = []
@@ -555,8 +608,7 @@ class _ChunkStream:
             else:  # read straight into a tensor the caller keeps (no copy)
                 out.append(self.buffers[slot][key][:n])
         if self.cuda:
-            self.events[slot] = torch.cuda.Event()
-            self.events[slot].record()
+            self.arena.record(slot)
         return out
 
 

@@ -507,6 +507,7 @@ def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], 
     grams = calibrate.GramCache(cache, chunk_tokens, device) if any(c.iters > 1 for c in configs) else None
     max_rank = 0 if walk.weight_level else max((c.rank for c in configs), default=0)  # a kernel: no decomposition
     targets = sorted(plan, key=Target.sort_key)
+    cache.reserve_for(targets, chunk_tokens)  # the pinned arena, sized once for the widest input group
     prepared = prepare_weights(source, {t: plan[t] for t in targets}, device, max_rank, walk.stats)
     bar = tqdm(total=len(targets), desc="eval", unit="proj", disable=not progress)
     try:
@@ -793,6 +794,7 @@ def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[
     source = ModuleWeights(model, smooth)
     every = check_alignment(cache, source.targets(), "the model", layers)
     targets = every if targets is None else sorted(targets, key=Target.sort_key)
+    cache.reserve_for(targets, chunk_tokens)
     backup_device = place_model(model, device, [source.modules[t].weight for t in every])
     backup = {t: source.modules[t].weight.detach().to(backup_device, copy=True) for t in every}
     results = {(t.layer, t.block, t.proj): {} for t in targets}

@@ -361,7 +361,10 @@ def run_eval(spec: EvalSpec, progress: bool = True, log: Callable[[str], None] =
 
     ev = Evaluation(spec, overlap_fingerprint=True)
     started = time.perf_counter()
-    results = ev.score(progress=progress)
+    try:
+        results = ev.score(progress=progress)
+    finally:
+        ev.cache.close()  # its pinned arena: nothing streams after this
     seconds = time.perf_counter() - started
     require_finite(results, spec)
     meta = ev.meta()  # waits for a fingerprint still hashing (and its store puts): the log counts them

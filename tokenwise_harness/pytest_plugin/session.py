@@ -501,6 +501,8 @@ class HarnessSession:
             self.recorded[payload["case_id"]] = payload
 
     def finish(self, session: pytest.Session) -> None:
+        if self.cache is not None:
+            self.cache.close()  # its pinned arena: the cases are done
         if self.is_worker or not self.recorded:
             return
         try:
