@@ -165,6 +165,6 @@ def test_cuda_streams_share_one_pinned_arena_bit_identical_and_the_host_cache_do
     view = cache.arena.carve(0, [("x", (1, 8), F16)])["x"]
     assert view.is_pinned()  # page-locked: the copies to the device are truly asynchronous
     if stats:  # torch's caching host allocator took no block for any of these streams
-        assert stats().get("allocated_bytes.current", 0) == host_before
+        assert stats().get("allocated_bytes.current", 0) <= host_before
     cache.close()
     assert cache.arena.nbytes == 0 and not cache.arena.busy

@@ -22,6 +22,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING
 
+from tokenwise_harness.errors import HarnessError
+
 if TYPE_CHECKING:
     import torch
 
@@ -57,7 +59,9 @@ class _Block:
             err = int(torch.cuda.cudart().cudaHostRegister(self.ptr, nbytes, 1))  # 1: cudaHostRegisterPortable
             if err != 0:
                 self.memory = None
-                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of host memory failed (cudaError {err})")
+                raise HarnessError(f"could not page-lock {nbytes} bytes of host memory for streaming the X/Y cache "
+                                   f"(cudaHostRegister: cudaError {err}); free host memory or lower the chunk size "
+                                   "(--chunk_tokens N / --chunk-tokens=N)")
             self.pinned = True
 
     @property
