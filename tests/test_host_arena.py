@@ -14,7 +14,7 @@ from tokenwise_harness import engine
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.checkpoint import ModelDir
 from tokenwise_harness.grid import build_grid, parse_qspecs
-from tokenwise_harness.host_arena import ALIGN, HostArena, layout
+from tokenwise_harness.host_arena import ALIGN, SLOTS_ENV, HostArena, layout, stream_slots
 
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 
@@ -70,6 +70,18 @@ def test_a_narrower_stream_reuses_the_block_and_a_wider_one_grows_it_once():
     for specs in (wide, narrow, wider):  # everything fits now: no further allocation
         arena.carve(0, specs), arena.carve(1, specs)
     assert arena.allocations == 2
+
+
+def test_one_slot_holds_one_chunk_of_the_widest_stream(monkeypatch):
+    monkeypatch.setenv(SLOTS_ENV, "1")
+    assert stream_slots() == 1
+    monkeypatch.delenv(SLOTS_ENV)
+    assert stream_slots() == 2
+    arena = HostArena(pin=False, slots=1)
+    specs = [("x", (16, 300), F16), ("y", (16, 7), F32)]
+    _check_views(arena.carve(0, specs), specs)
+    assert arena.nbytes == arena.slot_bytes == layout([16 * 300 * 2, 16 * 7 * 4])[1]
+    assert arena.last_copy(0, "x") is None  # nothing copied out yet: a read need not wait
 
 
 def test_reserve_sizes_the_first_block_so_no_stream_of_the_plan_grows_it():
@@ -135,10 +147,14 @@ def test_the_engine_reserves_its_widest_input_group_before_streaming(demo_model_
 
 
 @pytest.mark.cuda
-def test_cuda_streams_share_one_pinned_arena_bit_identical_and_the_host_cache_does_not_grow(tmp_path):
+@pytest.mark.parametrize("slots", [2, 1])
+def test_cuda_streams_share_one_pinned_arena_bit_identical_and_the_host_cache_does_not_grow(tmp_path, monkeypatch,
+                                                                                            slots):
+    monkeypatch.setenv(SLOTS_ENV, str(slots))
     path = _cache(tmp_path, SHAPES)
     ref = load_file(str(path))
     cache = XYCache(path)
+    assert cache.arena.slots == slots
     streams = [([X0, None, Y0], 16), ([X1, Y1], 7), ([X2, Y2], 33), ([X2, Y2], 101), ([X0, Y0], 101), ([X2], 5)]
     cache.reserve_for(cache.targets, 33)  # chunks of 33: ([X2, Y2], 101) is wider and grows it, once
     torch.cuda.synchronize()
@@ -162,6 +178,7 @@ def test_cuda_streams_share_one_pinned_arena_bit_identical_and_the_host_cache_do
     assert cache._verified == set(SHAPES)  # hashed as they streamed: every checksum matched
     widest = max(cache.stream_slot_bytes(keys, chunk) for keys, chunk in streams)
     assert cache.arena.allocations == 2 and cache.arena.slot_bytes == widest  # grew once, exactly
+    assert cache.arena.nbytes == slots * widest
     view = cache.arena.carve(0, [("x", (1, 8), F16)])["x"]
     assert view.is_pinned()  # page-locked: the copies to the device are truly asynchronous
     if stats:  # torch's caching host allocator took no block for any of these streams

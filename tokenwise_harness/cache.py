@@ -26,14 +26,14 @@ import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenwise_harness import memo
 from tokenwise_harness.allowlist import Target, parse_target
 from tokenwise_harness.errors import HarnessError
-from tokenwise_harness.host_arena import HostArena, layout
+from tokenwise_harness.host_arena import HostArena, layout, stream_slots
 from tokenwise_harness.safetensors_io import DTYPES as _DTYPES
 from tokenwise_harness.safetensors_io import ITEMSIZE as _ITEMSIZE
 from tokenwise_harness.safetensors_io import FormatError, ParallelReader, piece_size, read_header
@@ -171,7 +171,7 @@ class XYCache:
         # Bytes of each tensor handed out by rows() and stream(): what the engine's I/O costs.
         self.bytes_served: Counter[str] = Counter()
         # Where CUDA streams stage their chunks: one pinned block for the cache's lifetime (host_arena.py).
-        self.arena = HostArena(pin=True)
+        self.arena = HostArena(pin=True, slots=stream_slots())
         if not self.path.is_file():
             raise HarnessError(f"{flag} {self.path} does not exist; create it with `tokenwise-precision save_xy`")
         if self.path.suffix == ".pt":
@@ -395,8 +395,9 @@ class XYCache:
         default sized from the chunk), since one reading thread is slower than the file system.
         With `verify` the bytes are hashed in file order as they land.
         Host memory on CUDA stays at the arena: two chunks of the widest stream the run opens
-        (reserve_for), one block for every stream, never grown once reserved; on the CPU the
-        yielded tensors are the caller's. No file pages are mapped into the process.
+        (one with TOKENWISE_STREAM_SLOTS=1; reserve_for), one block for every stream, never grown
+        once reserved; on the CPU the yielded tensors are the caller's. No file pages are mapped
+        into the process.
         A None key yields None. `chunk_tokens` beyond the cache's token count is clamped to it
         (a huge --chunk_tokens allocates no more than the cache holds).
         """
@@ -509,11 +510,13 @@ class _ChunkStream:
     here has its own one-thread hasher, which hashes a chunk once all its pieces have landed,
     chunk after chunk in order, while the caller computes on the previous chunk.
 
-    On CUDA the two slots' buffers are views of the cache's pinned arena (host_arena.py); a
-    read into a slot waits for the arena's event after that slot's last copies to the device.
-    A stream opened while another still holds the arena (one abandoned mid-way, its frame
-    still alive) gets an arena of its own, released when it ends. On the CPU each slot is
-    plain tensors, replaced by new ones once the caller holds those (it keeps what is yielded).
+    On CUDA the slots' buffers are views of the cache's pinned arena (host_arena.py); a read
+    into a key's view waits for the arena's event after that key's last copy out of the slot
+    to the device. Chunk i's copies are queued before chunk i+1's reads, so with one slot the
+    next rows wait for them. A stream opened while another still holds the arena (one abandoned
+    mid-way, its frame still alive) gets an arena of its own, released when it ends. On the CPU
+    two slots of plain tensors alternate, replaced by new ones once the caller holds those (it
+    keeps what is yielded).
     """
 
     def __init__(self, cache: XYCache, keys: list[str | None], chunk_tokens: int, device,
@@ -538,9 +541,9 @@ class _ChunkStream:
             yield from self._run()
             return
         shared = self.cache.arena.acquire()
-        self.arena = self.cache.arena if shared else HostArena(pin=True)
+        self.arena = self.cache.arena if shared else HostArena(pin=True, slots=self.cache.arena.slots)
         try:
-            self.buffers = [self.arena.carve(slot, self.specs) for slot in range(2)]
+            self.buffers = [self.arena.carve(slot, self.specs) for slot in range(self.arena.slots)]
             yield from self._run()
         finally:
             self.buffers = []
@@ -564,8 +567,9 @@ class _ChunkStream:
             for i, start in enumerate(starts):
                 for f in pending:
                     f.result()
+                out = self._to_device(i, start)  # queued before chunk i+1 is read (one slot: into the same memory)
                 pending = self._submit(reader, hash_pools, fd, starts, i + 1) if i + 1 < len(starts) else []
-                yield start, min(start + self.chunk, self.cache.n_tokens), self._to_device(i, start)
+                yield start, min(start + self.chunk, self.cache.n_tokens), out
         finally:
             reader.close()  # joins every read before the descriptor is closed
             for pool in hash_pools.values():
@@ -575,16 +579,17 @@ class _ChunkStream:
             self.cache._check_digest(key, h.hexdigest())
 
     def _submit(self, reader, hash_pools, fd, starts, i):
-        """Queue the pieces of chunk i of every key into slot i % 2 (each piece first waits for
-        that slot's last copy to the device), and each verified key's hash of it."""
+        """Queue the pieces of chunk i of every key into slot i % slots (each piece first waits
+        for its key's last copy out of that slot to the device), and each verified key's hash of it."""
         start = starts[i]
         n = min(self.chunk, self.cache.n_tokens - start)
-        slot = i % 2
+        slot = i % len(self.buffers)
         if not self.cuda and i >= 2:  # the caller owns the CPU tensors yielded from this slot: read into new ones
             self.buffers[slot] = {k: b.new_empty(b.shape) for k, b in self.buffers[slot].items()}
-        before = partial(self.arena.wait, slot) if self.cuda else None
         futures = []
         for key, buf in self.buffers[slot].items():
+            copied = self.arena.last_copy(slot, key) if self.cuda else None
+            before = copied.synchronize if copied is not None else None
             view = _byte_view(buf[:n])
             row_bytes = buf.shape[1] * buf.element_size()
             what = (f"{self.cache.flag} {self.cache.path}: unexpected end of file reading {key}; "
@@ -598,17 +603,16 @@ class _ChunkStream:
 
     def _to_device(self, i, start):
         n = min(self.chunk, self.cache.n_tokens - start)
-        slot = i % 2
+        slot = i % len(self.buffers)
         out = []
         for key in self.keys:
             if key is None:
                 out.append(None)
             elif self.cuda:
                 out.append(self.buffers[slot][key][:n].to(self.device, non_blocking=True))
+                self.arena.record(slot, key)  # its next rows are read once this copy is done
             else:  # read straight into a tensor the caller keeps (no copy)
                 out.append(self.buffers[slot][key][:n])
-        if self.cuda:
-            self.arena.record(slot)
         return out
 
 

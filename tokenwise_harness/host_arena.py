@@ -5,20 +5,23 @@ to the device asynchronously, double-buffered (slot 0 and slot 1 alternate). Pin
 taken per stream from torch (`pin_memory=True`) go through its caching host allocator, which
 rounds every block up to a power of two and keeps every block it has ever made: host memory
 grew to the sum of every stream's sizes (q/k/v, o, gate/up, down ...). Instead the cache holds
-one arena: one contiguous block of two equal slots, carved into one aligned view per key for
-each stream. It is sized once for the widest stream a run will open (XYCache.reserve_streams,
-called by the engine with its plan), allocated at the first CUDA stream with that exact size
-(plain host memory page-locked with cudaHostRegister: no rounding, nothing cached), grows
-only when a wider stream comes than was reserved (the old block is unregistered and freed
-first), and is released by XYCache.close() or when the cache is collected.
+one arena: one contiguous block of equal slots (two; one with TOKENWISE_STREAM_SLOTS=1),
+carved into one aligned view per key for each stream. It is sized once for the widest stream a
+run will open (XYCache.reserve_for, called by the engine with its plan), allocated at the first
+CUDA stream with that exact size (plain host memory page-locked with cudaHostRegister: no
+rounding, nothing cached), grows only when a wider stream comes than was reserved (the old
+block is unregistered and freed first), and is released by XYCache.close() or when the cache
+is collected.
 
-Each slot remembers the CUDA event recorded after the last copies out of it; a read into a
-slot first waits for that event, so a slot is never overwritten while a copy from it is in
-flight, across streams as within one.
+Each slot remembers, per key, the CUDA event recorded after that key's last copy out of it; a
+read into a key's view first waits for that event, and a new stream's carve waits for all of
+them, so host memory is never overwritten while a copy from it is in flight, across streams as
+within one.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from typing import TYPE_CHECKING
 
@@ -28,6 +31,15 @@ if TYPE_CHECKING:
     import torch
 
 ALIGN = 4096  # every key's view, and each slot, starts on a page boundary
+SLOTS_ENV = "TOKENWISE_STREAM_SLOTS"
+
+
+def stream_slots() -> int:
+    """Slots of a cache's arena: 2 by default (chunk i+1 is read while chunk i's copies to the
+    device are still queued behind the caller's work on chunk i-1), or 1 with
+    TOKENWISE_STREAM_SLOTS=1 (half the host memory: one chunk of the widest stream; each key's
+    next rows wait for the copy of its current rows, which the caller waits for anyway)."""
+    return 1 if os.environ.get(SLOTS_ENV, "").strip() == "1" else 2
 
 
 def align_up(n: int, align: int = ALIGN) -> int:
@@ -45,14 +57,16 @@ def layout(sizes: list[int], align: int = ALIGN) -> tuple[list[int], int]:
 
 
 class _Block:
-    """One host allocation of `nbytes` usable bytes from an ALIGN-aligned base, page-locked when
-    `pin`; free() waits for the copies out of it, unregisters it and drops it (once)."""
+    """One host allocation of `nbytes` usable bytes from an ALIGN-aligned base, split into
+    `slots` equal slots, page-locked when `pin`; free() waits for the copies out of it,
+    unregisters it and drops it (once)."""
 
-    def __init__(self, nbytes: int, pin: bool):
+    def __init__(self, nbytes: int, slots: int, pin: bool):
         import torch
 
         self.nbytes, self.pinned = nbytes, False
-        self.events: list = [None, None]  # per slot: the event after its last copies to the device
+        # per slot: key -> the CUDA event recorded after that key's last copy out of the slot
+        self.events: list[dict] = [{} for _ in range(slots)]
         self.memory = torch.empty(nbytes + ALIGN, dtype=torch.uint8)  # plain host memory, exact size
         self.base = -self.memory.data_ptr() % ALIGN
         if pin and nbytes:
@@ -68,16 +82,16 @@ class _Block:
     def ptr(self) -> int:
         return self.memory.data_ptr() + self.base
 
-    def wait(self, slot: int) -> None:
-        event = self.events[slot]
-        if event is not None:
+    def wait_all(self, slot: int) -> None:
+        for event in self.events[slot].values():
             event.synchronize()
+        self.events[slot].clear()
 
     def free(self) -> None:
         if self.memory is None:
             return
-        for slot in range(2):
-            self.wait(slot)
+        for slot in range(len(self.events)):
+            self.wait_all(slot)
         if self.pinned:
             import torch
 
@@ -87,17 +101,19 @@ class _Block:
 
 
 class HostArena:
-    """Two slots of one contiguous host block, carved into per-key views for one stream at a time.
+    """`slots` slots of one contiguous host block, carved into per-key views for one stream at a time.
 
     `reserve(slot_bytes)` asks for at least that much per slot before anything is allocated;
     `carve(slot, specs)` returns a view per key (spec: key, shape, dtype) of that slot, each
     ALIGN-aligned, allocating the block at the first call (max of what was reserved and what is
     needed) and replacing it by an exactly wide enough one when a stream needs more.
     `allocations` counts the blocks made; `slot_bytes` is the current block's slot size.
+    Copies out of a slot are tracked per key: `record(slot, key)` after a key's copy is queued,
+    `last_copy(slot, key)` the event a read into that key's view must wait for.
     """
 
-    def __init__(self, pin: bool = True):
-        self.pin = pin
+    def __init__(self, pin: bool = True, slots: int = 2):
+        self.pin, self.slots = pin, slots
         self.reserved = 0
         self.allocations = 0
         self.busy = False  # a stream is reading into it (XYCache.stream gives a second one its own)
@@ -107,11 +123,11 @@ class HostArena:
 
     @property
     def slot_bytes(self) -> int:
-        return self._block.nbytes // 2 if self._block is not None else 0
+        return self._block.nbytes // self.slots if self._block is not None else 0
 
     @property
     def nbytes(self) -> int:
-        """Host bytes the arena holds now (both slots)."""
+        """Host bytes the arena holds now (every slot)."""
         return self._block.nbytes if self._block is not None else 0
 
     def reserve(self, slot_bytes: int) -> None:
@@ -124,33 +140,36 @@ class HostArena:
             return
         self._drop()  # the old block first: never both at once
         width = max(slot_bytes, self.reserved)
-        block = _Block(2 * width, self.pin)
+        block = _Block(self.slots * width, self.slots, self.pin)
         self._block, self._free = block, weakref.finalize(self, block.free)
         self._free.atexit = False  # at interpreter exit the process's memory goes anyway
         self.allocations += 1
 
     def carve(self, slot: int, specs: list[tuple[str, tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
-        """{key: a view of `slot` with that shape and dtype}: disjoint, ALIGN-aligned ranges."""
+        """{key: a view of `slot` with that shape and dtype}: disjoint, ALIGN-aligned ranges.
+
+        For a new stream: its views may lie over other keys of the last one, so every copy still
+        queued out of the slot is waited for first (long done, in practice)."""
         sizes = [_numel(shape) * dtype.itemsize for _, shape, dtype in specs]
         offsets, span = layout(sizes)
         self.ensure(span)
         block = self._block
+        block.wait_all(slot)
         at = block.base + slot * self.slot_bytes
         return {key: block.memory[at + off: at + off + n].view(dtype).view(shape)
                 for (key, shape, dtype), off, n in zip(specs, offsets, sizes)}
 
-    def wait(self, slot: int) -> None:
-        """Block until the copies recorded out of `slot` are done (nothing recorded: returns)."""
-        if self._block is not None:
-            self._block.wait(slot)
+    def last_copy(self, slot: int, key: str):
+        """The CUDA event after the last queued copy of `key` out of `slot` (None: nothing queued)."""
+        return self._block.events[slot].get(key) if self._block is not None else None
 
-    def record(self, slot: int) -> None:
-        """Record, on the current CUDA stream, that the copies out of `slot` queued so far are its last."""
+    def record(self, slot: int, key: str) -> None:
+        """Record, on the current CUDA stream, that `key`'s copy out of `slot` has been queued."""
         import torch
 
         event = torch.cuda.Event()
         event.record()
-        self._block.events[slot] = event
+        self._block.events[slot][key] = event
 
     def acquire(self) -> bool:
         """Take the arena for one stream; False when another stream holds it."""
