@@ -10,6 +10,7 @@ the main thread's waits on them show where it blocks.
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import pstats
@@ -18,8 +19,11 @@ import time
 
 
 def main() -> int:
-    out = sys.argv[sys.argv.index("--out") + 1]
-    args = sys.argv[sys.argv.index("--") + 1:]
+    cut = sys.argv.index("--")
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="the text file the profile goes to")
+    mine = parser.parse_args(sys.argv[1:cut])
+    args = sys.argv[cut + 1:]
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
@@ -33,7 +37,7 @@ def main() -> int:
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("cumulative").print_stats(70)
     stats.sort_stats("tottime").print_stats(40)
-    with open(out, "w") as fh:
+    with open(mine.out, "w") as fh:
         fh.write(text.getvalue())
     return rc or 0
 
