@@ -502,7 +502,7 @@ _TORCH_DTYPES = {name: torch_name for name, (_, torch_name) in _DTYPES.items()}
 
 
 class _ChunkStream:
-    """Double-buffered, prefetching reader behind XYCache.stream (see there).
+    """Prefetching reader behind XYCache.stream (see there), double-buffered (on CUDA: the arena's slots).
 
     Each key's rows of one chunk are one byte range; it is read as several positioned reads
     side by side (safetensors_io.ParallelReader, `threads` workers, `piece_bytes` each), every
@@ -602,15 +602,18 @@ class _ChunkStream:
         return futures
 
     def _to_device(self, i, start):
+        import torch
+
         n = min(self.chunk, self.cache.n_tokens - start)
         slot = i % len(self.buffers)
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None  # where .to() queues the copies
         out = []
         for key in self.keys:
             if key is None:
                 out.append(None)
             elif self.cuda:
                 out.append(self.buffers[slot][key][:n].to(self.device, non_blocking=True))
-                self.arena.record(slot, key)  # its next rows are read once this copy is done
+                self.arena.record(slot, key, stream)  # its next rows are read once this copy is done
             else:  # read straight into a tensor the caller keeps (no copy)
                 out.append(self.buffers[slot][key][:n])
         return out

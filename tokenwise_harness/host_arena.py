@@ -163,12 +163,13 @@ class HostArena:
         """The CUDA event after the last queued copy of `key` out of `slot` (None: nothing queued)."""
         return self._block.events[slot].get(key) if self._block is not None else None
 
-    def record(self, slot: int, key: str) -> None:
-        """Record, on the current CUDA stream, that `key`'s copy out of `slot` has been queued."""
+    def record(self, slot: int, key: str, stream=None) -> None:
+        """Record, on `stream` (the CUDA stream the copy was queued on; default: the current one),
+        that `key`'s copy out of `slot` has been queued."""
         import torch
 
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
         self._block.events[slot][key] = event
 
     def acquire(self) -> bool:
