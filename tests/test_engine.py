@@ -480,6 +480,45 @@ def test_each_cached_x_is_read_once_by_eval_fake(compact):
     assert dict(ev.cache.bytes_served) == _x_bytes(ev.cache)
 
 
+def test_seed_layout_siblings_with_one_checksum_read_one_x(qwen2):
+    """A seed-layout cache stores q/k/v's (and gate/up's) identical X once per projection; their
+    equal checksums make the engine stream each distinct X once, scoring exactly as one pass per weight."""
+    model, cache_path = qwen2
+    cache = XYCache(cache_path)
+    stored_x = [k for k in cache.shapes if k.endswith(".X")]
+    assert len(stored_x) == len(cache.targets) and not cache.x_aliases  # the seed layout: one X per projection
+    q, k = (next(t for t in cache.targets if t.layer == 0 and t.proj == p) for p in ("q_proj", "k_proj"))
+    assert cache.entry(k).x_key == cache.entry(q).x_key == q.path + ".X"
+    distinct = _x_bytes(cache)
+    assert len(distinct) < len(stored_x)
+    ev = Evaluation(EvalSpec.from_text("0,8", "nvfp4@16", model_dir=str(model), xy_path=str(cache_path),
+                                       device="cpu"))
+    grouped = ev.score()
+    assert {key: n for key, n in ev.cache.bytes_served.items() if key.endswith(".X")} == distinct
+    source = evaluate.CheckpointWeights(ModelDir(model), False)
+    grid = build_grid([0, 8], parse_qspecs("nvfp4@16"))
+    for target in cache.targets:
+        alone = evaluate.evaluate_grid(XYCache(cache_path), source, grid, 37, "cpu", targets=[target], progress=False)
+        assert alone[(target.layer, target.block, target.proj)] == grouped[(target.layer, target.block, target.proj)]
+
+
+def test_a_sibling_x_whose_bytes_differ_from_its_checksum_fails_the_run(qwen2, tmp_path):
+    """Equal recorded checksums are trusted only because every tensor is still checked: a k_proj X
+    whose bytes were changed in place (its checksum still q's) fails eval_fake with one line, exit 2."""
+    model, cache_path = qwen2
+    bad = tmp_path / "bad.safetensors"
+    shutil.copy(cache_path, bad)
+    cache = XYCache(bad)
+    key = next(t for t in cache.targets if t.layer == 0 and t.proj == "k_proj").path + ".X"
+    with open(bad, "r+b") as fh:
+        fh.seek(cache.offsets[key] + 40)
+        fh.write(b"\x00\x00\x80\x3f")  # one fp32 element set to 1.0
+    proc = run_cli("eval_fake", f"--model_dir={model}", f"--xy_path={bad}", "--ranks=8", "--qspecs=nvfp4@16",
+                   f"--out_json={tmp_path / 'r.json'}", "--device=cpu")
+    assert f"tensor {key} fails its checksum" in one_line_error(proc)
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_a_group_whose_deltas_do_not_fit_is_split_and_scores_the_same(compact, monkeypatch):
     model, cache_path, _ = compact
     source = evaluate.CheckpointWeights(ModelDir(model), False)
