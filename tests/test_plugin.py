@@ -481,7 +481,8 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
     assert report.comparable(a) == report.comparable(b)
     assert (pytester.path / "serial.json").read_bytes() == (pytester.path / "xdist.json").read_bytes()
 
-    # all cases of an input group (the seed layout: one weight, all its configs) ran on one worker
+    # all cases of an input group ran on one worker (the seed layout with checksums: q/k/v read one
+    # X, gate/up another, o and down their own: 4 groups a layer)
     runs = [json.loads(line) for line in (pytester.path / "workers.jsonl").read_text().splitlines()]
     assert len(runs) == 28
     cache = XYCache(demo.cache)
@@ -489,7 +490,7 @@ def test_xdist_merged_report_equals_serial(pytester, harness, demo):
     for nodeid, worker in runs:
         case = parse_case_id(nodeid.split("::", 1)[1].split("@")[0])
         workers.setdefault(cache.entry(case.target).x_key, set()).add(worker)
-    assert len(workers) == 14 and all(len(w) == 1 for w in workers.values()), workers
+    assert len(workers) == 8 and all(len(w) == 1 for w in workers.values()), workers
     assert set().union(*workers.values()) == {"gw0", "gw1"}
 
 
@@ -509,14 +510,14 @@ def test_xdist_scheduler_groups_by_input_and_respects_an_explicit_dist(pytester,
         assert input_group("tokenwise::layer0-self_attn-o_proj-rank8-nvfp4-blk16", cache) != q8
         assert input_group("tokenwise::layer1-self_attn-q_proj-rank8-nvfp4-blk16", cache) != q8
         assert input_group("tests/test_x.py::test_a", cache) is None
-    # the seed layout: one X per weight, so one group per weight; compact: q/k/v share one, gate/up another
+    # both layouts: q/k/v share one group, gate/up another (the compact layout stores their X once;
+    # the seed layout stores it per projection under one checksum, which the cache reads once)
     k8, v8 = ("tokenwise::layer0-self_attn-k_proj-rank8-nvfp4-blk16", "tokenwise::layer0-self_attn-v_proj-rank8-nvfp4-blk16")
-    assert input_group(k8, seed) != input_group(v8, seed) != q8
-    assert input_group(k8, compact) == input_group(v8, compact) == q8
     gate, up = ("tokenwise::layer1-mlp-gate_proj-rank8-nvfp4-blk16", "tokenwise::layer1-mlp-up_proj-rank8-nvfp4-blk16")
-    assert input_group(gate, seed) != input_group(up, seed)
-    assert input_group(gate, compact) == input_group(up, compact) != input_group(
-        "tokenwise::layer1-mlp-down_proj-rank8-nvfp4-blk16", compact)
+    for cache in (seed, compact):
+        assert input_group(k8, cache) == input_group(v8, cache) == q8
+        assert input_group(gate, cache) == input_group(up, cache) != input_group(
+            "tokenwise::layer1-mlp-down_proj-rank8-nvfp4-blk16", cache)
     for args, given in ((["-n", "2"], False), (["-n", "2", "--dist", "load"], True),
                         (["-n", "2", "--dist=worksteal"], True), (["-n", "2", "-d"], True)):
         assert _dist_given(pytester.parseconfig(*args)) is given, args
