@@ -75,6 +75,8 @@ def process(name: str, argv: list[str], env: dict | None = None, cwd: Path | Non
         m = re.findall(pat, r.stdout)
         if m:
             info[key] = m[-1] if key == "pytest" else float(m[-1])
+    for kind, value in re.findall(r"(RssAnon|RssFile|RssShmem)=(\d+)", r.stderr):
+        info[f"exit_{kind}_GiB"] = round(int(value) / 2**30, 3)
     if r.returncode != 0:
         info["stderr_tail"] = r.stderr[-600:]
     return record(name, info)
@@ -356,6 +358,7 @@ def main(argv=None) -> int:
     py = "-m"
 
     process("baseline_rss", [str(ROOT / "bench" / "cuda_init.py")])
+    process("baseline_rss_with_libs", [str(ROOT / "bench" / "cuda_init.py"), "--libs"])
 
     # ---- the 4-layer model and its seed-layout cache
     from tokenwise_harness.demo.models import make_demo_model
@@ -411,6 +414,9 @@ def main(argv=None) -> int:
     env_a = {"TOKENWISE_CACHE_DIR": str(memo_a)}
     process("eval_fake_cold", [*eval_args, f"--out_json={work / 'cold.json'}"], env_a)
     process("eval_fake_warm", [*eval_args, f"--out_json={work / 'warm.json'}"], env_a)
+    # the same with a one-slot pinned arena (one chunk of host memory, TOKENWISE_STREAM_SLOTS=1)
+    process("eval_fake_warm_one_slot", [*eval_args, f"--out_json={work / 'warm1.json'}"],
+            {**env_a, "TOKENWISE_STREAM_SLOTS": "1"})
     if "profile" not in skip:  # where the process's time goes, cold (a fresh memo) and warm: the main thread
         process("eval_fake_cold_profiled", [str(ROOT / "bench" / "profile_eval.py"), f"--out={OUT / 'profile_cold.txt'}",
                                             "--", *eval_args[2:], f"--out_json={work / 'cold_p.json'}"],

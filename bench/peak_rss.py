@@ -15,6 +15,13 @@ def _report():
     except (OSError, StopIteration, ValueError):
         pass
     print(f"PEAK_RSS_BYTES={peak}", file=sys.stderr)
+    try:  # what is resident at exit, by kind: anonymous (heap, pinned buffers) vs file-backed (libraries)
+        with open("/proc/self/status") as fh:
+            split = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh
+                     if line.startswith(("RssAnon:", "RssFile:", "RssShmem:"))}
+        print("RSS_AT_EXIT " + " ".join(f"{k}={v}" for k, v in split.items()), file=sys.stderr)
+    except (OSError, ValueError, IndexError):
+        pass
 
 
 atexit.register(_report)

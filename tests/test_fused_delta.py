@@ -66,6 +66,23 @@ def test_quantization_delta_on_cuda_is_the_weight_difference(cfg):
     assert torch.equal(svdq.quantization_delta(w, cfg, lowrank), want)
 
 
+@pytest.mark.cuda
+def test_the_background_warm_up_loads_the_kernels_and_changes_no_bit(monkeypatch):
+    """warm_up() compiles (or loads) the variants on its own thread; the first delta() waits for
+    it and then gives the composition's bits, for warmed and unwarmed variants alike."""
+    monkeypatch.setattr(fused_delta, "_warming", None)
+    fused_delta.warm_up("cuda", [("nvfp4", 16), ("int4", 64)])
+    warming = fused_delta._warming
+    assert warming is not None
+    fused_delta.warm_up("cuda", [("mxfp4", 32)])  # once per process: a second call starts nothing
+    assert fused_delta._warming is warming
+    w = hostile_weight((64, 512), 3)
+    for fmt, blk in (("nvfp4", 16), ("int4", 64), ("mxfp4", 32)):
+        got = fused_delta.delta(w.cuda(), fmt, blk).cpu()
+        assert warming.done()
+        assert torch.equal(got, composed(w, fmt, blk, None)), (fmt, blk)
+
+
 def test_the_fused_path_is_not_taken_where_it_does_not_apply():
     w = hostile_weight((8, 64), 1)
     assert not fused_delta.applies(w, 16)  # a CPU tensor

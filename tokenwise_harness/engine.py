@@ -508,6 +508,11 @@ def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], 
     max_rank = 0 if walk.weight_level else max((c.rank for c in configs), default=0)  # a kernel: no decomposition
     targets = sorted(plan, key=Target.sort_key)
     cache.reserve_for(targets, chunk_tokens)  # the pinned arena, sized once for the widest input group
+    if walk.quantize_fn is svdq.fake_quantize_weight and str(device).startswith("cuda"):
+        from tokenwise_harness.numerics import fused_delta
+
+        # Triton's per-process start-up overlaps the weight reads and decompositions below.
+        fused_delta.warm_up(device, sorted({(c.fmt, c.blk) for c in configs if c.fmt != "none"}, key=str))
     prepared = prepare_weights(source, {t: plan[t] for t in targets}, device, max_rank, walk.stats)
     bar = tqdm(total=len(targets), desc="eval", unit="proj", disable=not progress)
     try:
