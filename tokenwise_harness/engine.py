@@ -212,11 +212,20 @@ class ErrorMatmul:
 
     def prepare(self, m):
         """M (float32) -> (operand, scale back)."""
+        return self.prepare_all([m])[0]
+
+    def prepare_all(self, ms: list) -> list:
+        """prepare() of each M, with one wait for the GPU for all of them (a weight's configs):
+        each scale is a power of two chosen on the host from max |M|."""
         import torch
 
         if self.low is None:
-            return m, 1.0
-        amax = float(torch.linalg.vector_norm(m, ord=math.inf))  # max |m| in one pass, no |m| temporary
+            return [(m, 1.0) for m in ms]
+        # max |m| in one pass each, no |m| temporary; read back together
+        amaxes = torch.stack([torch.linalg.vector_norm(m, ord=math.inf) for m in ms]).tolist() if ms else []
+        return [self._scaled(m, amax) for m, amax in zip(ms, amaxes)]
+
+    def _scaled(self, m, amax: float):
         if amax == 0.0 or not math.isfinite(amax):
             return m.to(self.low), 1.0
         shift = math.floor(math.log2(8192.0 / amax))  # largest |entry| lands in [2^12, 2^13)
@@ -299,15 +308,16 @@ def evaluate_weights(cache: XYCache, members: list[Member], chunk_tokens: int, d
     mm = ErrorMatmul(device, cache.torch_dtype(x_key))
     scores = [_WeightScore(cache, m, mm, device) for m in members]
     same_s = _distinct_smooth([m.triple.smooth for m in members])
-    check_x = lambda x: _check_finite(x, cache, x_key)  # noqa: E731
+    finite = _FiniteWatch(cache)
     for start, end, (x_stored, *ys) in cache.stream([x_key, *(s.y_key for s in scores)], chunk_tokens, device):
-        check_x(x_stored)
+        finite.watch(x_stored, x_key)
         views: dict[int, _ChunkX] = {}  # first member with this smooth factor -> its view of the chunk
         for i, (score, y_stored) in enumerate(zip(scores, ys)):
             first = same_s[i]
             if first not in views:
-                views[first] = _ChunkX(x_stored, members[first].triple.smooth, mm, check_x)
-            score.update(views[first], y_stored, end - start, stats)
+                views[first] = _ChunkX(x_stored, members[first].triple.smooth, mm, finite, x_key)
+            score.update(views[first], y_stored, end - start, stats, finite)
+    finite.check()
     return {score.target: score.result() for score in scores}
 
 
@@ -331,8 +341,8 @@ class _ChunkX:
     and each activation format's Q_a(X) - X are made at most once per chunk.
     """
 
-    def __init__(self, stored, s, mm: ErrorMatmul, check):
-        self.stored, self.s, self.mm, self.check = stored, s, mm, check
+    def __init__(self, stored, s, mm: ErrorMatmul, finite: "_FiniteWatch", key: str):
+        self.stored, self.s, self.mm, self.finite, self.key = stored, s, mm, finite, key
         # The cache's own 16-bit values are exact operands; a smoothed X/s is rounded once.
         self.exact = mm.low is not None and s is None
         self._act_errors: dict = {}
@@ -342,7 +352,7 @@ class _ChunkX:
         x = self.stored.float()
         if self.s is not None:
             x = x / self.s
-            self.check(x)
+            self.finite.watch(x, self.key)
         return x
 
     @cached_property
@@ -354,6 +364,7 @@ class _ChunkX:
         from tokenwise_harness.numerics import formats
 
         if act not in self._act_errors:
+            self.finite.check()  # a non-finite X is reported as such, not as the activation format's refusal
             q_x = formats.fake_quantize(self.x, act[0], act[1], name=name)
             self._act_errors[act] = self.mm.prepare(q_x - self.x)
         return self._act_errors[act]
@@ -371,8 +382,12 @@ class _WeightScore:
         w = member.triple.weight
         self.terms = {k: t if isinstance(t, ConfigTerm) else ConfigTerm(t.to(device=device, dtype=torch.float32) - w)
                       for k, t in member.terms.items()}
-        self.operands = {k: (mm.prepare(t.dw), mm.prepare(t.qr) if t.qr is not None else None)
-                         for k, t in self.terms.items()}
+        residual_keys = [k for k, t in self.terms.items() if t.qr is not None]
+        prepared = iter(mm.prepare_all([t.dw for t in self.terms.values()]
+                                       + [self.terms[k].qr for k in residual_keys]))
+        dws = {k: next(prepared) for k in self.terms}
+        qrs = {k: next(prepared) for k in residual_keys}
+        self.operands = {k: (dws[k], qrs.get(k)) for k in self.terms}
         self.accs = {key: TokenwiseAccumulator() for key in self.terms}
         # On the exact 16-bit path the reference X·Wᵀ runs as two 16-bit GEMMs (W = hi + lo)
         # instead of float32.
@@ -390,14 +405,15 @@ class _WeightScore:
             return ref.add_(b) if b is not None else ref
         return torch.addmm(b, chunk.x, w.T) if b is not None else chunk.x @ w.T
 
-    def update(self, chunk: _ChunkX, y_stored, n_tokens: int, stats: "EngineStats | None") -> None:
+    def update(self, chunk: _ChunkX, y_stored, n_tokens: int, stats: "EngineStats | None",
+               finite: "_FiniteWatch") -> None:
         import torch
 
         mm, x_op = self.mm, chunk.op
         ref = self.reference(chunk)
         if y_stored is not None:
             y = y_stored.float()
-            _check_finite(y, self.cache, self.y_key)
+            finite.watch(y, self.y_key)
             resid = ref - y
         else:
             y, resid = ref, None
@@ -424,13 +440,33 @@ class _WeightScore:
         return {key: acc.result() for key, acc in self.accs.items()}
 
 
-def _check_finite(t, cache: XYCache, key: str) -> None:
-    import torch
+class _FiniteWatch:
+    """NaN/Inf checks of the X and Y chunks of one pass, read back once, at its end (or before X
+    is quantized as an activation): a check per chunk was a wait for the GPU per chunk and weight.
+    A non-finite tensor fails the pass with the same error either way; its scores are dropped."""
 
-    if not torch.isfinite(t).all():
-        cache.verify_tensor(key)  # a flipped bit can make a NaN: report corruption as corruption
-        raise HarnessError(f"{cache.flag} {cache.path}: {key} holds NaN/Inf activations; "
-                           "re-capture with --save_dtype fp32")
+    def __init__(self, cache: XYCache):
+        self.cache = cache
+        self.bad: dict = {}  # key -> device bool: a non-finite value seen in it so far
+
+    def watch(self, t, key: str) -> None:
+        import torch
+
+        bad = ~torch.isfinite(t).all()
+        self.bad[key] = bad if key not in self.bad else self.bad[key] | bad
+
+    def check(self) -> None:
+        import torch
+
+        if not self.bad:
+            return
+        keys = list(self.bad)
+        flags = torch.stack([self.bad[k] for k in keys]).tolist()
+        for key, bad in zip(keys, flags):
+            if bad:
+                self.cache.verify_tensor(key)  # a flipped bit can make a NaN: report corruption as corruption
+                raise HarnessError(f"{self.cache.flag} {self.cache.path}: {key} holds NaN/Inf activations; "
+                                   "re-capture with --save_dtype fp32")
 
 
 def delta_budget(device=None) -> int:
@@ -735,7 +771,8 @@ def config_term(triple: WeightTriple, cfg: SvdqConfig, lowrank, quantize_fn: Cal
 
     w = triple.weight
     if quantize_fn is svdq.fake_quantize_weight and cfg.afmt is None:
-        return ConfigTerm(svdq.quantization_delta(w, cfg, lowrank, name, gram=gram))  # fused on CUDA, same bits
+        # fused on CUDA, same bits; prepare_weights refused a non-finite weight already
+        return ConfigTerm(svdq.quantization_delta(w, cfg, lowrank, name, gram=gram, finite_checked=True))
     if getattr(quantize_fn, "weight_level", False):
         out = quantize_fn(triple.stored, cfg, name=name)
     else:

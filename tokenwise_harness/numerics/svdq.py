@@ -79,16 +79,20 @@ def fake_quantize_weight(
 
 
 def quantization_delta(W: torch.Tensor, cfg: SvdqConfig, lowrank: LowRank | None = None,
-                       name: str = "weight", gram: torch.Tensor | None = None) -> torch.Tensor:
+                       name: str = "weight", gram: torch.Tensor | None = None,
+                       finite_checked: bool = False) -> torch.Tensor:
     """ΔW = fake_quantize_weight(W, cfg, lowrank, gram=gram) − W, bit for bit: what the engine's error needs.
 
     For a float32 CUDA W and a one-shot config the residual's cast, the sum with the branch and
     the difference with W run as one fused kernel (numerics.fused_delta) instead of ~20 torch
     passes over the weight; everywhere else (iterated configs: their `gram`) it is the composition itself.
+    finite_checked: the caller already refused a non-finite W (the engine checks each weight once,
+    not once per config: the check is a pass over W and a wait for the GPU).
     """
     if cfg.iters > 1 or cfg.fmt == "none" or not fused_delta.applies(W, cfg.blk):
         return fake_quantize_weight(W, cfg, lowrank=lowrank, name=name, gram=gram) - W
-    formats.check_finite(W, name)
+    if not finite_checked:
+        formats.check_finite(W, name)
     formats.check_qspec(cfg.fmt, cfg.blk)
     rank = min(cfg.rank, *W.shape)
     branch = _branch(W, rank, lowrank, name) if rank > 0 else None
