@@ -414,9 +414,9 @@ def main(argv=None) -> int:
     env_a = {"TOKENWISE_CACHE_DIR": str(memo_a)}
     process("eval_fake_cold", [*eval_args, f"--out_json={work / 'cold.json'}"], env_a)
     process("eval_fake_warm", [*eval_args, f"--out_json={work / 'warm.json'}"], env_a)
-    # the same with a one-slot pinned arena (one chunk of host memory, TOKENWISE_STREAM_SLOTS=1)
-    process("eval_fake_warm_one_slot", [*eval_args, f"--out_json={work / 'warm1.json'}"],
-            {**env_a, "TOKENWISE_STREAM_SLOTS": "1"})
+    # the same with a two-slot pinned arena (two chunks of host memory, TOKENWISE_STREAM_SLOTS=2)
+    process("eval_fake_warm_two_slots", [*eval_args, f"--out_json={work / 'warm2.json'}"],
+            {**env_a, "TOKENWISE_STREAM_SLOTS": "2"})
     if "profile" not in skip:  # where the process's time goes, cold (a fresh memo) and warm: the main thread
         process("eval_fake_cold_profiled", [str(ROOT / "bench" / "profile_eval.py"), f"--out={OUT / 'profile_cold.txt'}",
                                             "--", *eval_args[2:], f"--out_json={work / 'cold_p.json'}"],

@@ -411,8 +411,8 @@ class XYCache:
         side by side (`threads` readers, default one per core up to 16; `piece_bytes` each,
         default sized from the chunk), since one reading thread is slower than the file system.
         With `verify` the bytes are hashed in file order as they land.
-        Host memory on CUDA stays at the arena: two chunks of the widest stream the run opens
-        (one with TOKENWISE_STREAM_SLOTS=1; reserve_for), one block for every stream, never grown
+        Host memory on CUDA stays at the arena: one chunk of the widest stream the run opens
+        (two with TOKENWISE_STREAM_SLOTS=2; reserve_for), one block for every stream, never grown
         once reserved; on the CPU the yielded tensors are the caller's. No file pages are mapped
         into the process.
         A None key yields None. `chunk_tokens` beyond the cache's token count is clamped to it
@@ -519,7 +519,7 @@ _TORCH_DTYPES = {name: torch_name for name, (_, torch_name) in _DTYPES.items()}
 
 
 class _ChunkStream:
-    """Prefetching reader behind XYCache.stream (see there), double-buffered (on CUDA: the arena's slots).
+    """Prefetching reader behind XYCache.stream (see there): on CUDA into the arena's slot(s), on the CPU double-buffered.
 
     Each key's rows of one chunk are one byte range; it is read as several positioned reads
     side by side (safetensors_io.ParallelReader, `threads` workers, `piece_bytes` each), every
