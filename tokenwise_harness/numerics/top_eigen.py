@@ -46,7 +46,9 @@ def top_eigenvectors(G: torch.Tensor, r: int, *, tol: float = TOL, seed: int = 0
                      max_products: int | None = None) -> torch.Tensor | None:
     """Eigenvectors [n, r] of the r largest eigenvalues of symmetric PSD `G` (largest first), each
     with ‖G v − θ v‖ ≤ tol·θ₁; None when that is not reached within `max_products` block products
-    (default MAX_PRODUCTS)."""
+    (default MAX_PRODUCTS). The residuals certify eigenpairs; that they are the r largest rests,
+    as for every subspace or Krylov method, on the random start having a component along each
+    of them (true with probability one), which the filter then amplifies above all the rest."""
     max_products = MAX_PRODUCTS if max_products is None else max_products
     n = G.shape[0]
     p = min(n, r + guard_vectors(r))
