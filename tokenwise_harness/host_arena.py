@@ -22,10 +22,10 @@ within one.
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import TYPE_CHECKING
 
+from tokenwise_harness.envvars import int_setting
 from tokenwise_harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def stream_slots() -> int:
     TOKENWISE_STREAM_SLOTS=2 (chunk i+1 is read while chunk i's copies are still queued behind
     the caller's work on chunk i-1). On the H200 one slot was the faster of the two in both
     measurements of the 4-layer warm eval (4.34 vs 4.72 s, 5.0 vs 5.28 s) and holds 0.22 GiB less."""
-    return 2 if os.environ.get(SLOTS_ENV, "").strip() == "2" else 1
+    return int_setting(SLOTS_ENV, 1)
 
 
 def align_up(n: int, align: int = ALIGN) -> int:

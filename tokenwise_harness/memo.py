@@ -32,6 +32,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from tokenwise_harness.envvars import int_setting
+
 # Bump when an entry's meaning changes: old entries are then simply never found again.
 MEMO_VERSION = "1"
 DEFAULT_STORE_CAP_BYTES = 8 << 30
@@ -223,8 +225,8 @@ class LowRankStore:
 
     def __init__(self, root: Path, cap_bytes: int | None = None):
         self.dir = Path(root) / "lowrank"
-        env_cap = os.environ.get("TOKENWISE_LOWRANK_STORE_BYTES")
-        self.cap_bytes = int(cap_bytes if cap_bytes is not None else (env_cap or DEFAULT_STORE_CAP_BYTES))
+        self.cap_bytes = int(cap_bytes if cap_bytes is not None
+                             else int_setting("TOKENWISE_LOWRANK_STORE_BYTES", DEFAULT_STORE_CAP_BYTES))
         self._total: int | None = None  # bytes in the store, known after the first scan
 
     def _path(self, key: str) -> Path:

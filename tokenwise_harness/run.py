@@ -30,6 +30,7 @@ from tokenwise_harness.allowlist import Target
 from tokenwise_harness.cache import XYCache
 from tokenwise_harness.checkpoint import SMOOTH_META_FILE, ModelDir, load_model, load_model_layers, resolve_torch_dtype
 from tokenwise_harness.device import pick_device
+from tokenwise_harness.envvars import check_settings
 from tokenwise_harness.errors import HarnessError
 from tokenwise_harness.grid import QSpec, SvdqConfig, build_grid, parse_qspecs, parse_ranks
 from tokenwise_harness.kernels import BUILTIN_QUANTIZER, WeightKernel, load_weight_quantizer, resolve_callable
@@ -114,6 +115,7 @@ class EvalSpec:
         """Every check that needs no cache; the kernel that scores (loaded). Raises HarnessError."""
         if self.chunk_tokens <= 0:
             raise HarnessError(f"{self.flag('chunk_tokens')} {self.chunk_tokens} must be positive (a token count)")
+        check_settings()
         grid = self.grid()
         resolve_torch_dtype(self.torch_dtype, self.flag("torch_dtype"))
         pick_device(self.device, self.flag("device"))

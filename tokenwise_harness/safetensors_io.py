@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tokenwise_harness.envvars import int_setting
 from tokenwise_harness.errors import HarnessError
 
 if TYPE_CHECKING:
@@ -41,10 +42,7 @@ STAGING_PIECE, STAGING_SLOTS = 8 << 20, 4
 def read_threads() -> int:
     """Reader threads per read: one per core (sandboxed reads are CPU-bound copies), 2..16;
     TOKENWISE_READ_THREADS overrides (1 = one read per range, the old way)."""
-    env = os.environ.get("TOKENWISE_READ_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(2, min(16, os.cpu_count() or 2))
+    return int_setting("TOKENWISE_READ_THREADS", max(2, min(16, os.cpu_count() or 2)))
 
 
 class FormatError(ValueError):
