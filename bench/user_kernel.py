@@ -3,7 +3,7 @@
 Written the way a kernel team would write one, not with the harness's code: the top-r branch
 from a float64 eigendecomposition of the smaller Gram matrix (torch.linalg.eigh on the
 weight's device, once per weight: the harness passes one tensor to all of a weight's configs),
-the residual cast by tests/kernels.py's independent casts (piecewise E2M1 rounding,
+the residual cast by tests/weight_kernels.py's independent casts (piecewise E2M1 rounding,
 reciprocal scaling). Import path: bench.user_kernel:svdq.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.kernels import CASTS
+from tests.weight_kernels import CASTS
 
 _LAST: list = []  # [weight, version, (U*S [out, k], Vh [k, in])] of the last weight
 

@@ -1,6 +1,6 @@
 """The kernel gate (issue 16): user kernels at weight level, the torchao adapter, the checks.
 
-Kernels live in tests/kernels.py: `svdq` is an independent implementation (float64 SVD, its
+Kernels live in tests/weight_kernels.py: `svdq` is an independent implementation (float64 SVD, its
 own casts, reciprocal scaling: not the engine's code); the others are broken on purpose.
 One 2-layer demo model (14 projections) and one small cache per module.
 """
@@ -26,7 +26,7 @@ import tokenwise_harness.pytest_plugin.session  # noqa: F401
 import tokenwise_harness.run  # noqa: F401
 import tokenwise_harness.verdict.baselines  # noqa: F401
 import tokenwise_harness.verdict.thresholds  # noqa: F401
-from tests import kernels  # noqa: F401  (kept loaded across in-process pytester runs)
+from tests import weight_kernels  # noqa: F401  (kept loaded across in-process pytester runs)
 from tests.helpers import files_under, one_line_error, run_cli
 from tokenwise_harness.capture.save_xy import save_xy
 from tokenwise_harness.demo.models import make_demo_model
@@ -68,7 +68,7 @@ def builtin(demo, tmp_path_factory):
 # ---------------------------------------------------------------- numbers
 
 
-@pytest.mark.parametrize("kernel", ["tests.kernels:svdq", "tests.kernels:svdq_parts"])
+@pytest.mark.parametrize("kernel", ["tests.weight_kernels:svdq", "tests.weight_kernels:svdq_parts"])
 def test_independent_kernel_reproduces_builtin_numbers(demo, builtin, tmp_path, kernel):
     out = tmp_path / "r.json"
     proc = eval_fake(demo, out, "--weight_quantizer", kernel)
@@ -85,7 +85,7 @@ def test_independent_kernel_reproduces_builtin_numbers(demo, builtin, tmp_path, 
 
 def test_scale_bug_moves_every_quantized_number(demo, builtin, tmp_path):
     out = tmp_path / "r.json"
-    assert eval_fake(demo, out, "--weight_quantizer", "tests.kernels:scale_bug").returncode == 0
+    assert eval_fake(demo, out, "--weight_quantizer", "tests.weight_kernels:scale_bug").returncode == 0
     mine, ref = metrics_of(json.loads(out.read_text())), metrics_of(builtin)
     assert all(mine[k]["nmse"] > 1.05 * ref[k]["nmse"] for k in ref)
 
@@ -141,19 +141,19 @@ def test_torchao_parts_give_exact_branch():
 def test_w4a4_needs_parts_same_error_in_both_front_ends(demo, pytester, tmp_path):
     act = ["--ranks", "8", "--qspecs", "nvfp4@16"]
     out = tmp_path / "r.json"
-    line = one_line_error(eval_fake(demo, out, "--act_qspecs", "int4@64", "--weight_quantizer", "tests.kernels:svdq",
+    line = one_line_error(eval_fake(demo, out, "--act_qspecs", "int4@64", "--weight_quantizer", "tests.weight_kernels:svdq",
                                     grid=act))
     needle = "returned a plain tensor, but a W4A4 config (--act_qspecs) needs SvdqParts(lora_down, lora_up, residual)"
-    assert needle in line and "tests.kernels:svdq" in line and "rank=8;fmt=nvfp4;blk=16;afmt=int4;ablk=64" in line
+    assert needle in line and "tests.weight_kernels:svdq" in line and "rank=8;fmt=nvfp4;blk=16;afmt=int4;ablk=64" in line
     result = pytester.runpytest(f"--model-dir={demo.model}", f"--xy-path={demo.cache}", *act, "--act-qspecs",
-                                "int4@64", "--weight-quantizer", "tests.kernels:svdq", "-k", "layer0-self_attn-q_proj",
+                                "int4@64", "--weight-quantizer", "tests.weight_kernels:svdq", "-k", "layer0-self_attn-q_proj",
                                 "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     assert needle in "\n".join(result.outlines)
     # The parts are what the engine needs: the W4A4 numbers equal the built-in engine's.
     ref, mine = tmp_path / "ref.json", tmp_path / "mine.json"
     assert eval_fake(demo, ref, "--act_qspecs", "int4@64", grid=act).returncode == 0
-    assert eval_fake(demo, mine, "--act_qspecs", "int4@64", "--weight_quantizer", "tests.kernels:svdq_parts",
+    assert eval_fake(demo, mine, "--act_qspecs", "int4@64", "--weight_quantizer", "tests.weight_kernels:svdq_parts",
                      grid=act).returncode == 0
     a, b = metrics_of(json.loads(ref.read_text())), metrics_of(json.loads(mine.read_text()))
     assert a.keys() == b.keys() and all(b[k]["nmse"] == pytest.approx(a[k]["nmse"], rel=1e-4) for k in a)
@@ -172,7 +172,7 @@ def test_w4a4_needs_parts_same_error_in_both_front_ends(demo, pytester, tmp_path
     ("in_place", "modified its input model.layers.0.self_attn.q_proj.weight in place"),
 ])
 def test_bad_kernel_is_one_line_error(demo, pytester, tmp_path, name, needle):
-    spec = f"tests.kernels:{name}"
+    spec = f"tests.weight_kernels:{name}"
     line = one_line_error(eval_fake(demo, tmp_path / "r.json", "--weight_quantizer", spec))
     assert f"weight quantizer {spec}" in line and needle in line, line
     assert "model.layers.0.self_attn.q_proj.weight" in line and "rank=" in line
@@ -188,7 +188,7 @@ def test_bad_kernel_is_one_line_error(demo, pytester, tmp_path, name, needle):
 
 @pytest.mark.parametrize("spec, needle", [
     ("no_such_module:fn", "--weight-quantizer 'no_such_module:fn': cannot import no_such_module"),
-    ("tests.kernels:nope", "--weight-quantizer 'tests.kernels:nope': tests.kernels has no function nope"),
+    ("tests.weight_kernels:nope", "--weight-quantizer 'tests.weight_kernels:nope': tests.weight_kernels has no function nope"),
     ("svdq", "--weight-quantizer 'svdq' must look like package.module:function, or name a built-in adapter: torchao"),
 ])
 def test_unloadable_kernel_is_usage_error(demo, pytester, spec, needle):
@@ -200,13 +200,13 @@ def test_unloadable_kernel_is_usage_error(demo, pytester, spec, needle):
 
 
 def test_both_protocols_at_once_is_refused(demo, tmp_path):
-    line = one_line_error(eval_fake(demo, tmp_path / "r.json", "--weight_quantizer", "tests.kernels:svdq",
+    line = one_line_error(eval_fake(demo, tmp_path / "r.json", "--weight_quantizer", "tests.weight_kernels:svdq",
                                     "--quantizer", "tests.quantizers:correct_fake_op"))
     assert "give one of them" in line
 
 
 def test_iterated_branch_is_refused_up_front(demo, tmp_path):
-    line = one_line_error(eval_fake(demo, tmp_path / "r.json", "--weight_quantizer", "tests.kernels:svdq",
+    line = one_line_error(eval_fake(demo, tmp_path / "r.json", "--weight_quantizer", "tests.weight_kernels:svdq",
                                     "--lowrank_iters", "3"))
     assert "--lowrank_iters > 1" in line
 
@@ -226,7 +226,7 @@ def test_kernel_called_once_per_selected_case(demo, pytester, monkeypatch, worke
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     selection = "layer1 and (q_proj or down_proj) and not int4"
     args = [f"--model-dir={demo.model}", f"--xy-path={demo.cache}", *GRID, "--weight-quantizer",
-            "tests.kernels:counting", "-k", selection, "--update-baselines", "-p", "no:cacheprovider", *workers]
+            "tests.weight_kernels:counting", "-k", selection, "--update-baselines", "-p", "no:cacheprovider", *workers]
     if workers:
         result = pytester.runpytest_subprocess(*args, timeout=240)
     else:
@@ -269,7 +269,7 @@ def test_plugin_scores_an_input_group_in_one_pass_over_x(demo, compact_cache, py
     spy = _ServedBytes()
     selection = "layer1-self_attn-q_proj-rank8 or layer1-self_attn-k_proj-rank0 or layer1-self_attn-v_proj"
     result = pytester.runpytest(f"--model-dir={demo.model}", f"--xy-path={compact_cache}", "--ranks", "0,8",
-                                "--qspecs", "nvfp4@16,mxfp4@32", "--weight-quantizer", "tests.kernels:counting",
+                                "--qspecs", "nvfp4@16,mxfp4@32", "--weight-quantizer", "tests.weight_kernels:counting",
                                 "-k", selection, "--update-baselines", "-p", "no:cacheprovider", plugins=[spy])
     result.assert_outcomes(passed=2 + 2 + 4)  # q: rank 8 x 2 formats, k: rank 0 x 2, v: all 4
     keys = [f"rank={r};fmt={f};blk={b}" for r in (0, 8) for f, b in (("nvfp4", 16), ("mxfp4", 32))]
@@ -309,7 +309,7 @@ def test_xdist_reads_each_input_group_once_on_one_worker(demo, compact_cache, py
     pytester.makeconftest(f"OUT = {str(pytester.path)!r}\n" + SERVED_PER_WORKER)
     result = pytester.runpytest_subprocess(
         f"--model-dir={demo.model}", f"--xy-path={compact_cache}", "--ranks", "8", "--qspecs", "nvfp4@16,mxfp4@32",
-        "--weight-quantizer", "tests.kernels:counting", "-k", "not o_proj", "--update-baselines",
+        "--weight-quantizer", "tests.weight_kernels:counting", "-k", "not o_proj", "--update-baselines",
         "-p", "no:cacheprovider", "-n", "2", timeout=240)
     result.assert_outcomes(passed=2 * 6 * 2)  # 2 layers x 6 weights x 2 configs
     assert sorted(_calls(calls).values()) == [12, 12]  # each config once per weight: 12 weights

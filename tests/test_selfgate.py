@@ -4,7 +4,7 @@ The committed thresholds.yaml (grid nvfp4@16, mxfp4@32, int4@64 x ranks 16, 32; 
 capture; layers 0, 15, 29) and baselines/ are tuned on SmolLM2-135M, imported where the README
 says (models/smollm2, shared with test_smollm2.py). Each gate run is a fresh pytest process at
 the repo root, exactly the README's command: the built-in engine passes; an independent
-correct kernel (tests/kernels.py:svdq: float64 SVD, its own casts, another rounding order)
+correct kernel (tests/weight_kernels.py:svdq: float64 SVD, its own casts, another rounding order)
 passes; the same kernel with a 10% scale bug fails every case it runs, as regressions.
 """
 
@@ -55,10 +55,10 @@ def test_self_gate_passes_on_committed_baselines(model):
 
 
 def test_independent_kernel_passes_scale_bug_fails(model):
-    proc = gate("--weight-quantizer", "tests.kernels:svdq", "-k", "not layer15-")
+    proc = gate("--weight-quantizer", "tests.weight_kernels:svdq", "-k", "not layer15-")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert outcome(proc) == {"passed": N_CASES * 2 // 3, "deselected": N_CASES // 3}
-    proc = gate("--weight-quantizer", "tests.kernels:scale_bug", "-k", "layer0-")
+    proc = gate("--weight-quantizer", "tests.weight_kernels:scale_bug", "-k", "layer0-")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert outcome(proc) == {"failed": N_CASES // 3, "deselected": N_CASES * 2 // 3}
     text = proc.stdout

@@ -1,4 +1,4 @@
-"""User-style weight-level kernels for tests of --weight-quantizer (import path `tests.kernels:NAME`).
+"""User-style weight-level kernels for tests of --weight-quantizer (import path `tests.weight_kernels:NAME`).
 
 `svdq` is an independent implementation of the harness's SVDQuant recipe: it never calls the
 engine's quantizer or formats. Its low-rank branch comes from a float64 `torch.linalg.svd`
