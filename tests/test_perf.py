@@ -244,7 +244,7 @@ def test_cold_overlap_refuses_another_models_cache_between_weights(tmp_path, sma
     """A cold digest memo hashes the fingerprint while the engine runs; a cache captured from
     another model is still refused with the one-line message of the up-front check (exit 2),
     before the next weight is read once the digest is known, and nothing is written."""
-    from helpers import files_under, one_line_error, run_cli
+    from tests.helpers import files_under, one_line_error, run_cli
 
     model, cache = small
     changed = shutil.copytree(model, tmp_path / "changed")
