@@ -284,7 +284,7 @@ class Evaluation:
         weight's -k selected configs).
 
         Each target is decomposed once for all its configs, and targets reading one cached X
-        (compact layout: q/k/v, gate/up) share one pass over it; a weight-level kernel is called
+        (q/k/v, gate/up) share one pass over it; a weight-level kernel is called
         once per (target, config), and every config is checked to be one it can score before any
         is. `failed`: where an error that belongs to one weight goes (engine.evaluate_plan);
         without it the first error is raised. A model-level fake_op quantizes the whole model per

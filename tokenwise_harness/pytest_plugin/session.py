@@ -355,8 +355,8 @@ class HarnessSession:
 
     def _plan(self, item: TokenwiseItem, evaluation: Evaluation) -> dict:
         """{target: configs} to score now, none of them scored before: the item's weight and every
-        selected weight reading the same cached X (one pass over it: the compact layout's q/k/v,
-        gate/up; in the seed layout the weight alone), each with its selected configs. A
+        selected weight reading the same cached X (one pass over it: q/k/v,
+        gate/up, or the weight alone), each with its selected configs. A
         model-level fake_op quantizes the whole model per config, so with one every selected
         weight gets every selected config."""
         selected = self._selected(item)

@@ -2,8 +2,8 @@
 transport of each case's result from the worker that ran it to the controller.
 
 An input group is every case of the weights that read one cached X (cache.CacheEntry.x_key):
-in the compact layout q/k/v share one and gate/up another, in the seed layout each weight
-has its own. A worker running a whole group reads that X once for all of its weights.
+q/k/v share one and gate/up another (the seed layout stores it per weight, under one checksum
+the cache reads once), o and down have their own. A worker running a whole group reads that X once for all of its weights.
 
 xdist is optional: nothing here imports it until a scheduler is asked for.
 """
