@@ -146,6 +146,26 @@ def test_the_engine_reserves_its_widest_input_group_before_streaming(demo_model_
     assert cache.arena.reserved == widest and cache.arena.allocations == 0
 
 
+def test_per_weight_streams_reserve_one_x_and_one_y(demo_model_dirs, tmp_path):
+    """The model-level path streams weight by weight (X and its own Y): grouped=False reserves
+    for the widest such stream, less than an input group's X and all its Ys."""
+    from tokenwise_harness.capture.save_xy import save_xy
+
+    cache = XYCache(save_xy(demo_model_dirs["qwen2"], tmp_path, "c", cn=1, eu=1, length=16, progress=False,
+                            log=lambda msg: None))  # seed layout: q/k/v (and gate/up) share X by checksum
+    page = lambda n: -(-n // ALIGN) * ALIGN  # noqa: E731
+    cols = lambda key: cache.shapes[key][1][1]  # noqa: E731
+    entries = [cache.entry(t) for t in cache.targets]
+    per_weight = max(page(8 * cols(e.x_key) * 2) + page(8 * cols(e.y_key) * 2) for e in entries)
+    per_group = max(page(8 * cols(x) * 2) + sum(page(8 * cols(e.y_key) * 2) for e in entries if e.x_key == x)
+                    for x in {e.x_key for e in entries})
+    assert per_weight < per_group
+    cache.reserve_for(cache.targets, 8, grouped=False)
+    assert cache.arena.reserved == per_weight
+    cache.reserve_for(cache.targets, 8)
+    assert cache.arena.reserved == per_group
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("slots", [2, 1])
 def test_cuda_streams_share_one_pinned_arena_bit_identical_and_the_host_cache_does_not_grow(tmp_path, monkeypatch,

@@ -438,15 +438,16 @@ class XYCache:
         live = dict.fromkeys(k for k in keys if k is not None)
         return layout([chunk * self.shapes[k][1][1] * _ITEMSIZE[self.shapes[k][0]] for k in live])[1]
 
-    def reserve_for(self, targets, chunk_tokens: int) -> None:
-        """Size the pinned arena up front for every stream scoring `targets` will open (one per
-        input group: its X and each weight's Y), so it is allocated once, at the first CUDA
-        stream, and never grows mid-run. Allocates nothing itself (nothing at all on the CPU)."""
-        groups: dict[str, list[str | None]] = {}
+    def reserve_for(self, targets, chunk_tokens: int, grouped: bool = True) -> None:
+        """Size the pinned arena up front for every stream scoring `targets` will open (grouped:
+        one per input group, its X and each weight's Y; else one per weight, its X and Y), so it
+        is allocated once, at the first CUDA stream, and never grows mid-run. Allocates nothing
+        itself (nothing at all on the CPU)."""
+        groups: dict[object, list[str | None]] = {}
         for target in targets:
             e = self._entry_of.get(target)
             if e is not None:
-                groups.setdefault(e.x_key, [e.x_key]).append(e.y_key)
+                groups.setdefault(e.x_key if grouped else target, [e.x_key]).append(e.y_key)
         self.arena.reserve(max((self.stream_slot_bytes(keys, chunk_tokens) for keys in groups.values()), default=0))
 
     def close(self) -> None:

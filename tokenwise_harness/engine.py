@@ -14,9 +14,9 @@ With smoothing (eval_smooth) the stored weight is already W·diag(s) and X is di
 Walk order: input group by input group (weights read from the checkpoint's safetensors
 shards, no model is instantiated), one low-rank decomposition per weight shared by every
 rank, and all ΔW of the group's weights and configs resident together while the X chunks
-stream past. Where the cache stores one X for the weights that read the same input (the
-compact layout: q/k/v, gate/up), X is read once per group; in the seed layout every weight
-has its own X and a group is one weight. Everything per weight -- the reference X·Wᵀ + b - Y,
+stream past. The weights that read the same input (q/k/v, gate/up) read one cached X --
+stored once in the compact layout, or in the seed layout stored per weight under one checksum
+(cache.XYCache._same_x) -- so X is read once per group. Everything per weight -- the reference X·Wᵀ + b - Y,
 each error term, X / s for its smooth factor -- is computed as in a pass of its own, so the
 numbers do not depend on the grouping.
 
@@ -297,10 +297,10 @@ def evaluate_weights(cache: XYCache, members: list[Member], chunk_tokens: int, d
                      stats: "EngineStats | None" = None) -> dict[Target, dict[str, dict]]:
     """Metrics of every member's configs from one pass over the cached X they all read.
 
-    Members share X (the compact layout's q/k/v or gate/up; in the seed layout a group of
-    one): it is read, converted and (per distinct smooth factor) divided once per chunk. The
-    reference term, Y and every error term stay per weight, with the arithmetic of a pass of
-    its own, so the numbers are bit-identical to scoring each weight alone.
+    Members share X (q/k/v or gate/up, or a weight alone: cache.CacheEntry.x_key): it is
+    read, converted and (per distinct smooth factor) divided once per chunk. The reference
+    term, Y and every error term stay per weight, with the arithmetic of a pass of its own,
+    so the numbers are bit-identical to scoring each weight alone.
     """
     x_key = cache.entry(members[0].target).x_key
     if any(cache.entry(m.target).x_key != x_key for m in members):
@@ -522,7 +522,7 @@ def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], 
                   failed: dict | None = None) -> dict:
     """{(layer, block, proj): {cfg key: metrics}} of each target's own configs in `plan`.
 
-    Consecutive targets whose cached X is one tensor (the compact layout's q/k/v, gate/up) are
+    Consecutive targets whose cached X is one tensor (q/k/v, gate/up: cache.CacheEntry.x_key) are
     scored in one pass over it (evaluate_weights): X is read once per input group, not once
     per weight. quantize_fn: as in evaluate_grid.
 
@@ -836,7 +836,7 @@ def evaluate_with_model_op(cache: XYCache, model, fake_op: Callable, grid: list[
     source = ModuleWeights(model, smooth)
     every = check_alignment(cache, source.targets(), "the model", layers)
     targets = every if targets is None else sorted(targets, key=Target.sort_key)
-    cache.reserve_for(targets, chunk_tokens)
+    cache.reserve_for(targets, chunk_tokens, grouped=False)  # evaluate_weight: one weight per stream
     backup_device = place_model(model, device, [source.modules[t].weight for t in every])
     backup = {t: source.modules[t].weight.detach().to(backup_device, copy=True) for t in every}
     results = {(t.layer, t.block, t.proj): {} for t in targets}
