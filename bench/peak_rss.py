@@ -1,4 +1,5 @@
-"""Run a Python program (`peak_rss.py -m module args...` or `peak_rss.py script.py args...`) and print
+"""Run a Python program (`peak_rss.py -m module args...`, `peak_rss.py -c CODE` or
+`peak_rss.py script.py args...`) and print
 its peak resident set size on stderr at exit as PEAK_RSS_BYTES=N (bench_process.py reads it)."""
 
 import atexit
@@ -25,7 +26,10 @@ def _report():
 
 
 atexit.register(_report)
-if sys.argv[1] == "-m":
+if sys.argv[1] == "-c":  # peak_rss.py -c CODE: a one-liner, as `python -c`
+    code, sys.argv = sys.argv[2], ["-c", *sys.argv[3:]]
+    exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+elif sys.argv[1] == "-m":
     sys.argv = sys.argv[2:]
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 else:
