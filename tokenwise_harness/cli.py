@@ -369,6 +369,9 @@ def cmd_save_xy(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace, smooth: bool) -> int:
+    from tokenwise_harness.device import start_cuda_driver
+
+    start_cuda_driver(a.device)  # before the imports below bring torch in: the two overlap
     from pathlib import Path
 
     from tokenwise_harness.atomic import check_output_file, clear_leftovers

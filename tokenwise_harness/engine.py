@@ -30,6 +30,7 @@ streams while X streams for the current one.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -701,9 +702,8 @@ def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_ra
 
     dev = torch.device(device)
     main = torch.cuda.current_stream(dev)
-    # CUDA linalg initialises lazily, and that first call is not thread-safe ("lazy wrapper should
-    # be called at most once"): make it here, before the workers' first eigh.
-    torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=dev))
+    if any(cfg.iters > 1 for cfgs in plan.values() for cfg in cfgs):
+        _start_linalg(dev)  # iterated configs call linalg on this thread, beside the workers' decompositions
     streams = [torch.cuda.Stream(dev) for _ in range(PREFETCH_DEPTH)]
 
     def on_worker(i, target):
@@ -748,12 +748,35 @@ def _lowrank(source, target: Target, triple: WeightTriple, max_rank: int, store,
         if factors is not None and tuple(factors["L1"].shape) == (triple.weight.shape[0], rank) \
                 and tuple(factors["L2"].shape) == (rank, triple.weight.shape[1]):
             return LowRank.from_factors(factors["L1"], factors["L2"], factors["S"]), False
+    _start_linalg(triple.weight.device)
     lowrank = LowRank(triple.weight, max_rank)
     if key is not None:
         store.put(key, lowrank.tensors())
     elif store is not None and hasattr(source, "store_later"):  # the content id is not known yet
         source.store_later(target, rank, lowrank.tensors(), store)
     return lowrank, True
+
+
+_LINALG_LOCK = threading.Lock()
+_linalg_started = False
+
+
+def _start_linalg(device) -> None:
+    """Start CUDA linalg (cuSOLVER) with one tiny eigh, once per process, under a lock.
+
+    torch starts it lazily at the first linalg call, and that start is not thread-safe ("lazy
+    wrapper should be called at most once"), so the first decomposition -- on whichever prepare
+    worker comes first -- makes it here before any other can start one. A rerun whose factors
+    all come from the low-rank store never loads the library (its start and its resident pages)."""
+    global _linalg_started
+    if _linalg_started or not str(device).startswith("cuda"):
+        return
+    with _LINALG_LOCK:
+        if not _linalg_started:
+            import torch
+
+            torch.linalg.eigh(torch.eye(2, dtype=torch.float64, device=device))
+            _linalg_started = True
 
 
 def config_term(triple: WeightTriple, cfg: SvdqConfig, lowrank, quantize_fn: Callable, name: str,
