@@ -5,6 +5,7 @@ start_cuda_driver: CUDA's driver start, begun beside `import torch` instead of a
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -45,6 +46,8 @@ def start_cuda_driver(device: str | None) -> threading.Thread | None:
     index = text.partition(":")[2]
     if index and not index.isdigit():
         return None  # pick_device refuses it, in one line
+    # what torch's CUDA start sets, unless the user did, before its cuInit: the driver reads it there
+    os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
     thread = threading.Thread(target=_driver_start, args=(int(index or 0),), name="tokenwise-cuda-start", daemon=True)
     thread.start()
     return thread
