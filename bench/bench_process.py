@@ -59,7 +59,8 @@ def record(name: str, info: dict) -> dict:
 def process(name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run `python bench/peak_rss.py argv...`; wall seconds, exit code, peak RSS, reuse counters."""
     full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                    PYTHONUNBUFFERED="1", **(env or {}))
+                    PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
     t = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "peak_rss.py"), *argv], capture_output=True, text=True,
                        env=full_env, cwd=cwd)

@@ -28,6 +28,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no_floors", action="store_true", help="skip the floor and cuda_overlap processes")
+    p.add_argument("--sampled", type=int, default=1, help="warm runs under sample_eval.py (default 1)")
     p.add_argument("--variants", default="", help="NAME=K:V;K:V,... extra warm reps with that environment")
     a = p.parse_args()
     bp.OUT = Path(a.out)
@@ -49,12 +51,13 @@ def main() -> int:
     env = {"TOKENWISE_CACHE_DIR": str(work / "memo")}
     root = str(bp.ROOT)
 
-    bp.process("floor_python", ["-c", "pass"])
-    bp.process("floor_import_torch", ["-c", "import torch"])
-    bp.process("floor_cuda", [f"{root}/bench/cuda_init.py"])
-    bp.process("floor_cuda_libs", [f"{root}/bench/cuda_init.py", "--libs"])
-    bp.process("floor_help", ["-m", "tokenwise_harness", "--help"])
-    if device == "cuda":
+    if not a.no_floors:
+        bp.process("floor_python", ["-c", "pass"])
+        bp.process("floor_import_torch", ["-c", "import torch"])
+        bp.process("floor_cuda", [f"{root}/bench/cuda_init.py"])
+        bp.process("floor_cuda_libs", [f"{root}/bench/cuda_init.py", "--libs"])
+        bp.process("floor_help", ["-m", "tokenwise_harness", "--help"])
+    if device == "cuda" and not a.no_floors:
         for rep in range(2):
             for mode in ("seq", "overlap", "prestart"):
                 bp.process(f"cuda_overlap_{mode}_{rep}", [f"{root}/bench/cuda_overlap.py", str(cache), mode])
@@ -70,8 +73,10 @@ def main() -> int:
         for rep in range(a.reps):
             bp.process(f"eval_warm_{name}_{rep}", ["-m", "tokenwise_harness", *args, f"--out_json={work / 'v.json'}"],
                        {**env, **extra})
-    bp.process("eval_warm_sampled", [f"{root}/bench/sample_eval.py", f"--out={bp.OUT / 'timeline_warm.txt'}", "--",
-                                     *args, f"--out_json={work / 's.json'}"], env)
+    for rep in range(a.sampled):
+        bp.process(f"eval_warm_sampled_{rep}", [f"{root}/bench/sample_eval.py",
+                                                f"--out={bp.OUT / f'timeline_warm_{rep}.txt'}", "--", *args,
+                                                f"--out_json={work / 's.json'}"], env)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
