@@ -83,6 +83,28 @@ def test_the_background_warm_up_loads_the_kernels_and_changes_no_bit(monkeypatch
         assert torch.equal(got, composed(w, fmt, blk, None)), (fmt, blk)
 
 
+@pytest.mark.cuda
+def test_no_config_waits_for_the_warm_up(monkeypatch):
+    """While the warm-up thread is still starting Triton, quantization_delta composes the torch
+    ops (the same bits) instead of waiting; once it is done, the fused kernel runs."""
+    from concurrent.futures import Future
+
+    launched = []
+    real_launch = fused_delta._launch
+    monkeypatch.setattr(fused_delta, "_launch", lambda *a: launched.append(a[1:3]) or real_launch(*a))
+    monkeypatch.setattr(fused_delta, "_warming", Future())  # a warm-up that never finishes by itself
+    w = hostile_weight((64, 512), 5).cuda()
+    lowrank = LowRank(w, 8)
+    cfg = SvdqConfig(8, "nvfp4", 16)
+    want = svdq.fake_quantize_weight(w, cfg, lowrank=lowrank) - w
+    assert not fused_delta.ready()
+    assert torch.equal(svdq.quantization_delta(w, cfg, lowrank, finite_checked=True), want) and launched == []
+    fused_delta._warming.set_result(None)
+    assert fused_delta.ready()
+    assert torch.equal(svdq.quantization_delta(w, cfg, lowrank, finite_checked=True), want)
+    assert launched == [("nvfp4", 16)]
+
+
 def test_the_fused_path_is_not_taken_where_it_does_not_apply():
     w = hostile_weight((8, 64), 1)
     assert not fused_delta.applies(w, 16)  # a CPU tensor

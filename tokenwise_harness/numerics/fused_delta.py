@@ -55,9 +55,15 @@ def applies(w: torch.Tensor, blk: int | str) -> bool:
     return _next_pow2(_block(w.shape[1], blk)) <= MAX_BLOCK
 
 
-# The background warm-up's Future (warm_up); the first delta() waits for it, so the kernels are
-# never compiled by two threads at once.
+# The background warm-up's Future (warm_up). Until it is done the engine composes the torch ops
+# (ready() is False) and delta() waits for it, so the kernels are never compiled by two threads.
 _warming = None
+
+
+def ready() -> bool:
+    """False while warm_up's thread is still starting Triton: a caller that would rather not wait
+    (svdq.quantization_delta) then composes the torch ops, which give the same bits."""
+    return _warming is None or _warming.done()
 
 
 def warm_up(device, qspecs: list[tuple[str, int | str]]) -> None:
@@ -66,8 +72,9 @@ def warm_up(device, qspecs: list[tuple[str, int | str]]) -> None:
     Triton's first launch in a process hashes Triton's own sources for its cache key, asks
     ptxas for its version (a subprocess) and loads each compiled variant: 0.5-1.5 s measured
     on the H200 that would otherwise land on the first config, while the engine is still
-    reading weights and decomposing. A variant is warmed on a small matrix whose sizes the
-    JIT specializes like a real weight's (multiples of 16)."""
+    reading weights and decomposing. Meanwhile the engine's first configs take the torch
+    composition (ready()), so no config waits for Triton. A variant is warmed on a small matrix
+    whose sizes the JIT specializes like a real weight's (multiples of 16)."""
     global _warming
     if _warming is not None or not torch.cuda.is_available():
         return

@@ -87,9 +87,10 @@ def quantization_delta(W: torch.Tensor, cfg: SvdqConfig, lowrank: LowRank | None
     the difference with W run as one fused kernel (numerics.fused_delta) instead of ~20 torch
     passes over the weight; everywhere else (iterated configs: their `gram`) it is the composition itself.
     finite_checked: the caller already refused a non-finite W (the engine checks each weight once,
-    not once per config: the check is a pass over W and a wait for the GPU).
+    not once per config: the check is a pass over W and a wait for the GPU). While Triton is still
+    starting on its warm-up thread (fused_delta.ready), the composition runs instead of waiting.
     """
-    if cfg.iters > 1 or cfg.fmt == "none" or not fused_delta.applies(W, cfg.blk):
+    if cfg.iters > 1 or cfg.fmt == "none" or not fused_delta.applies(W, cfg.blk) or not fused_delta.ready():
         return fake_quantize_weight(W, cfg, lowrank=lowrank, name=name, gram=gram) - W
     if not finite_checked:
         formats.check_finite(W, name)
