@@ -25,17 +25,24 @@ WAITS = {"wait", "_wait_for_tstate_lock", "acquire", "get", "sleep", "select", "
          "_worker", "wait_for", "epoll"}
 
 
+MILESTONES = ("cli.py:cmd_eval", "run.py:run_eval", "engine.py:evaluate_plan", "engine.py:score_group",
+              "document.py:write_report")
+
+
 def _where(frame):
-    """(innermost tokenwise_harness frame, leaf frame) of one stack, as 'file:function'."""
+    """(innermost tokenwise_harness frame, leaf frame) of one stack, as 'file:function', and the
+    milestones (MILESTONES) on the stack."""
     leaf = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}"
-    own = None
+    own, marks = None, set()
     f = frame
     while f is not None:
         if "tokenwise_harness" in f.f_code.co_filename:
-            own = f"{f.f_code.co_filename.split('tokenwise_harness')[-1].lstrip('/')}:{f.f_code.co_name}"
-            break
+            here = f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}"
+            own = own or f"{f.f_code.co_filename.split('tokenwise_harness')[-1].lstrip('/')}:{f.f_code.co_name}"
+            if here in MILESTONES:
+                marks.add(here)
         f = f.f_back
-    return own or "-", leaf
+    return own or "-", leaf, frozenset(marks)
 
 
 def _sample(stop: threading.Event, every: float, samples: list) -> None:
@@ -57,10 +64,15 @@ def _kind(name: str) -> str:
 
 def write(out: str, samples: list, every: float, wall: float, rc) -> None:
     lines = [f"rc {rc}; {wall:.3f} s from this script's start to cli.main's return; {len(samples)} samples, "
-             f"every {every * 1e3:.0f} ms", "", "== main thread timeline (runs >= 15 ms)"]
+             f"every {every * 1e3:.0f} ms", "", "== main thread milestones (first and last sample inside)"]
+    for mark in MILESTONES:
+        inside = [t for t, row in samples if mark in row.get("MainThread", ("", "", frozenset()))[2]]
+        if inside:
+            lines.append(f"{inside[0]:7.3f} {inside[-1]:7.3f}  {mark}")
+    lines += ["", "== main thread timeline (runs >= 15 ms)"]
     runs, prev, start = [], None, 0.0
     for t, row in samples:
-        cur = row.get("MainThread")
+        cur = row.get("MainThread", (None, None, None))[:2]
         if cur != prev:
             if prev is not None:
                 runs.append((start, t, prev))
@@ -73,11 +85,11 @@ def write(out: str, samples: list, every: float, wall: float, rc) -> None:
     lines += ["", "== gaps > 20 ms (no sample: the GIL was held)"]
     for (t1, _), (t2, row) in zip(samples, samples[1:]):
         if t2 - t1 > every + 0.02:
-            lines.append(f"{t1:7.3f} {t2:7.3f} {t2 - t1:6.3f}  main then: {row.get('MainThread')}")
+            lines.append(f"{t1:7.3f} {t2:7.3f} {t2 - t1:6.3f}  main then: {row.get('MainThread', ())[:2]}")
     lines += ["", "== busy samples by thread kind and leaf (x every ms)"]
     busy: dict[str, Counter] = defaultdict(Counter)
     for _, row in samples:
-        for name, (own, leaf) in row.items():
+        for name, (own, leaf, _) in row.items():
             if leaf.split(":")[-1] not in WAITS:
                 busy[_kind(name)][f"{own} | {leaf}"] += 1
     for kind, counter in sorted(busy.items()):
