@@ -16,9 +16,9 @@ from tokenwise_harness.device import start_cuda_driver
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`code` in a fresh interpreter (nothing imported yet), from the repo root."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+def python(code: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`code` (with sys.argv[1:] = args) in a fresh interpreter (nothing imported yet), from the repo root."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})))
 
 
@@ -86,8 +86,7 @@ def test_a_warm_rerun_on_cuda_never_loads_linalg(tmp_path, demo_model_dir):
     env = {"TOKENWISE_CACHE_DIR": str(tmp_path / "memo")}
     got = {}
     for name in ("cold", "warm"):
-        run = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{name}.json")], capture_output=True,
-                             text=True, cwd=ROOT, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT), **env))
+        run = python(code, str(tmp_path / f"{name}.json"), env=env)
         assert run.returncode == 0, run.stderr[-2000:]
         got[name] = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["cold"] == {"rc": 0, "started": True, "lib": True}

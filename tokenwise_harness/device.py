@@ -27,12 +27,13 @@ def pick_device(device: str | None, flag: str = "--device") -> str:
 def start_cuda_driver(device: str | None) -> threading.Thread | None:
     """Initialise the CUDA driver and make the device's primary context on a daemon thread, now.
 
-    Why: a scoring process first imports torch (~1.7 s of Python work that holds the GIL), then
-    starts CUDA (cuInit and the primary context: ~0.4-0.7 s of driver work that needs no Python).
-    Called before torch is imported, this does the driver's part through ctypes, which releases
-    the GIL around each foreign call, so it runs beside the import; torch's own start then finds
-    the driver initialised and the context made (the runtime API works in the device's primary
-    context) and does only its own part. It changes nothing torch decides: which device, and
+    Why: a scoring process first imports torch (1.3-1.8 s of Python work that holds the GIL on
+    the H200 machine), then starts CUDA (cuInit and the primary context: driver work that needs
+    no Python). Called before torch is imported, this does the driver's part through ctypes,
+    which releases the GIL around each foreign call, so it runs beside the import (0.44-0.47 s
+    there, all of it hidden); torch's own start then finds the driver initialised and the context
+    made (the runtime API works in the device's primary context) and does only its own part:
+    0.02-0.03 s after the import instead of 0.14-0.17 s (bench/cuda_overlap.py). It changes nothing torch decides: which device, and
     every error, come from torch's own start as before. Nothing starts for a CPU request, once
     torch is imported (too late to gain), or without libcuda; any failure here is left for
     torch's start to meet and report.

@@ -195,7 +195,7 @@ class HarnessSession:
     def _device(self) -> str:
         from tokenwise_harness.device import pick_device, start_cuda_driver
 
-        if getattr(self.config, "workerinput", None) is None:  # an xdist worker's GPU is known only after torch
+        if not xdist.is_worker(self.config):  # an xdist worker's GPU is known only after torch
             start_cuda_driver(self.config.getoption("--device"))
         return xdist.worker_device(self.config, pick_device(self.config.getoption("--device"), "--device"))
 
