@@ -185,16 +185,21 @@ def test_cuda_streams_share_one_pinned_arena_bit_identical_and_the_host_cache_do
         chunks = []
         for start, end, rows in cache.stream(keys, chunk, "cuda", threads=3, piece_bytes=999):
             assert cache.arena.busy and all(r is None or r.device.type == "cuda" for r in rows)
-            chunks.append((start, end, rows))  # kept on the GPU: a slot overwritten too early would show
+            # The caller's stream lags behind the copies (as the engine's does), then copies the
+            # rows at once: a chunk it saw before its copies finished would show in `early`.
+            torch.cuda._sleep(100_000)
+            early = [None if r is None else r.clone() for r in rows]
+            chunks.append((start, end, rows, early))  # kept on the GPU: a slot overwritten too early would show
         got.append((keys, chunks))
     torch.cuda.synchronize()
     for keys, chunks in got:
         for i, key in enumerate(keys):
             if key is None:
-                assert all(rows[i] is None for _, _, rows in chunks)
+                assert all(rows[i] is None and early[i] is None for _, _, rows, early in chunks)
                 continue
-            whole = torch.cat([rows[i].cpu() for _, _, rows in chunks])
+            whole = torch.cat([rows[i].cpu() for _, _, rows, _ in chunks])
             assert _same_bits(whole, ref[key]), key
+            assert _same_bits(torch.cat([early[i].cpu() for *_, early in chunks]), ref[key]), key
     assert cache._verified == set(SHAPES)  # hashed as they streamed: every checksum matched
     widest = max(cache.stream_slot_bytes(keys, chunk) for keys, chunk in streams)
     assert cache.arena.allocations == 2 and cache.arena.slot_bytes == widest  # grew once, exactly

@@ -528,13 +528,19 @@ class _ChunkStream:
     here has its own one-thread hasher, which hashes a chunk once all its pieces have landed,
     chunk after chunk in order, while the caller computes on the previous chunk.
 
-    On CUDA the slots' buffers are views of the cache's pinned arena (host_arena.py); a read
-    into a key's view waits for the arena's event after that key's last copy out of the slot
-    to the device. Chunk i's copies are queued before chunk i+1's reads, so with one slot the
-    next rows wait for them. A stream opened while another still holds the arena (one abandoned
-    mid-way, its frame still alive) gets an arena of its own, released when it ends. On the CPU
-    two slots of plain tensors alternate, replaced by new ones once the caller holds those (it
-    keeps what is yielded).
+    On CUDA the slots' buffers are views of the cache's pinned arena (host_arena.py). Each key's
+    rows of a chunk are copied to the device as soon as all their pieces have landed, on a copy
+    stream of the stream's own, while the other keys are still being read and the GPU computes
+    on earlier chunks. (Queued on the caller's stream, the copy waited behind the previous
+    chunk's work, and with one slot the next chunk's reads waited for both. Copying each piece
+    from the thread that read it was slower still: the reader threads then fought the caller's
+    thread for the GIL.) The caller's stream waits for the copy stream before it sees a chunk,
+    and each yielded tensor is marked as used there, so the allocator never hands its memory to
+    a later chunk's copy too early. A read into a key's view waits for the arena's event after
+    that key's last copy out of the slot. A stream opened while another still holds the arena
+    (one abandoned mid-way, its frame still alive) gets an arena of its own, released when it
+    ends. On the CPU two slots of plain tensors alternate, replaced by new ones once the caller
+    holds those (it keeps what is yielded).
     """
 
     def __init__(self, cache: XYCache, keys: list[str | None], chunk_tokens: int, device,
@@ -548,6 +554,7 @@ class _ChunkStream:
         self.specs = [(k, (chunk_tokens, cache.shapes[k][1][1]), cache.torch_dtype(k)) for k in live]
         self.buffers: list[dict] = []
         self.arena: HostArena | None = None
+        self.copy_stream = None  # CUDA: where each key's copy to the device is queued
         self.hashers = {k: hashlib.sha256() for k in live if cache.verify and k in cache.checksums
                         and k not in cache._verified and not cache._hashed_elsewhere(k)}
 
@@ -560,6 +567,7 @@ class _ChunkStream:
             return
         shared = self.cache.arena.acquire()
         self.arena = self.cache.arena if shared else HostArena(pin=True, slots=self.cache.arena.slots)
+        self.copy_stream = torch.cuda.Stream(self.device)
         try:
             self.buffers = [self.arena.carve(slot, self.specs) for slot in range(self.arena.slots)]
             yield from self._run()
@@ -583,9 +591,7 @@ class _ChunkStream:
         try:
             pending = self._submit(reader, hash_pools, fd, starts, 0)
             for i, start in enumerate(starts):
-                for f in pending:
-                    f.result()
-                out = self._to_device(i, start)  # queued before chunk i+1 is read (one slot: into the same memory)
+                out = self._land(i, start, pending)  # copies queued before chunk i+1 is read (one slot: same memory)
                 pending = self._submit(reader, hash_pools, fd, starts, i + 1) if i + 1 < len(starts) else []
                 yield start, min(start + self.chunk, self.cache.n_tokens), out
         finally:
@@ -598,7 +604,8 @@ class _ChunkStream:
 
     def _submit(self, reader, hash_pools, fd, starts, i):
         """Queue the pieces of chunk i of every key into slot i % slots (each piece first waits
-        for its key's last copy out of that slot to the device), and each verified key's hash of it."""
+        for its key's last copy out of that slot to the device), and each verified key's hash of
+        it. Returns [(key, its pieces' futures, its hash's future or None)]."""
         start = starts[i]
         n = min(self.chunk, self.cache.n_tokens - start)
         slot = i % len(self.buffers)
@@ -614,27 +621,41 @@ class _ChunkStream:
                     "re-create it with `tokenwise-precision save_xy`")
             parts = reader.submit(fd, view, self.cache.offsets[key] + start * row_bytes, what, before)
             self.cache.bytes_served[key] += len(view)
-            futures += parts
-            if key in hash_pools:
-                futures.append(hash_pools[key].submit(_hash_after, parts, self.hashers[key], view))
+            hashed = hash_pools[key].submit(_hash_after, parts, self.hashers[key], view) if key in hash_pools else None
+            futures.append((key, parts, hashed))
         return futures
 
-    def _to_device(self, i, start):
-        import torch
-
+    def _land(self, i, start, pending):
+        """Chunk i's rows of self.keys, once read: on CUDA each key's copy to the device is queued
+        as soon as its pieces have landed; every hash of the chunk is done before this returns
+        (chunk i+1 is read into the same host memory)."""
         n = min(self.chunk, self.cache.n_tokens - start)
         slot = i % len(self.buffers)
-        stream = torch.cuda.current_stream(self.device) if self.cuda else None  # where .to() queues the copies
-        out = []
-        for key in self.keys:
-            if key is None:
-                out.append(None)
-            elif self.cuda:
-                out.append(self.buffers[slot][key][:n].to(self.device, non_blocking=True))
-                self.arena.record(slot, key, stream)  # its next rows are read once this copy is done
-            else:  # read straight into a tensor the caller keeps (no copy)
-                out.append(self.buffers[slot][key][:n])
-        return out
+        landed = {}
+        for key, parts, _ in pending:
+            for f in parts:
+                f.result()
+            landed[key] = self.buffers[slot][key][:n]
+            if self.cuda:
+                landed[key] = self._copy(landed[key])
+                self.arena.record(slot, key, self.copy_stream)  # its next rows are read once this copy is done
+        for _, _, hashed in pending:
+            if hashed is not None:
+                hashed.result()
+        if self.cuda:
+            import torch
+
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.copy_stream)
+            for t in landed.values():
+                t.record_stream(compute)  # freed by the caller: not reused before its work here is done
+        return [None if key is None else landed[key] for key in self.keys]
+
+    def _copy(self, rows):
+        import torch
+
+        with torch.cuda.stream(self.copy_stream):
+            return rows.to(self.device, non_blocking=True)
 
 
 def _hash_after(parts, hasher, view) -> None:
