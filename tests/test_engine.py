@@ -545,3 +545,19 @@ def test_pass_plan_packs_whole_configs_into_the_budget(monkeypatch):
     assert evaluate.pass_plan([(q, 100, cfgs), (k, 50, cfgs)]) == [{q: cfgs, k: cfgs[:2]}, {k: cfgs[2:]}]
     monkeypatch.setattr(evaluate, "DELTA_BUDGET_BYTES", 1)  # never less than one ΔW per pass
     assert evaluate.pass_plan([(q, 100, cfgs[:2])]) == [{q: cfgs[:1]}, {q: cfgs[1:2]}]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_prepare_weights_runs_while_waiting_once_before_the_first_weight(qwen2, device):
+    """The hook evaluate_plan page-locks the arena in runs on the caller's thread once, after the
+    first reads are queued and before any weight is handed out; every weight still comes, in order."""
+    model_dir, cache_path = qwen2
+    cache = XYCache(cache_path)
+    targets = cache.targets[:3]
+    grid = build_grid([8], parse_qspecs("nvfp4@16"), "combined")
+    events = []
+    items = evaluate.prepare_weights(evaluate.CheckpointWeights(ModelDir(model_dir), False), {t: grid for t in targets},
+                                     device, 8, evaluate.EngineStats(), while_waiting=lambda: events.append("waiting"))
+    for item in items:
+        events.append(item.target)
+    assert events == ["waiting", *targets]

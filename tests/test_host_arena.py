@@ -146,6 +146,28 @@ def test_the_engine_reserves_its_widest_input_group_before_streaming(demo_model_
     assert cache.arena.reserved == widest and cache.arena.allocations == 0
 
 
+@pytest.mark.cuda
+def test_the_engine_page_locks_the_arena_once_before_the_first_stream(demo_model_dirs, tmp_path):
+    """On CUDA the arena is allocated while the first weights are read (prepare_weights'
+    while_waiting), at its reserved size, so no stream allocates or grows it."""
+    from tokenwise_harness.capture.save_xy import save_xy
+
+    path = save_xy(demo_model_dirs["qwen2"], tmp_path, "c", cn=3, eu=5, length=25, compact=True, progress=False,
+                   log=lambda msg: None)
+    cache = XYCache(path)
+    calls = []
+    allocate, stream = cache.allocate_arena, cache.stream
+    cache.allocate_arena = lambda device: (calls.append(("allocate", cache.arena.allocations)), allocate(device))[1]
+    cache.stream = lambda *a, **k: (calls.append(("stream", cache.arena.allocations)), stream(*a, **k))[1]
+    grid = build_grid([8], parse_qspecs("nvfp4@16"), "combined")
+    engine.evaluate_grid(cache, engine.CheckpointWeights(ModelDir(demo_model_dirs["qwen2"]), False), grid, 37,
+                         "cuda", progress=False)
+    assert calls[0] == ("allocate", 0) and calls[1] == ("stream", 1)
+    assert {c for c in calls[1:]} == {("stream", 1)}
+    assert cache.arena.allocations == 1 and cache.arena.slot_bytes == cache.arena.reserved
+    cache.close()
+
+
 def test_per_weight_streams_reserve_one_x_and_one_y(demo_model_dirs, tmp_path):
     """The model-level path streams weight by weight (X and its own Y): grouped=False reserves
     for the widest such stream, less than an input group's X and all its Ys."""

@@ -141,6 +141,16 @@ def test_collection_counts_and_k_selection(pytester, harness):
     assert len(expected) == 6
 
 
+def test_cases_carry_no_unknown_marker_without_xdist(pytester, demo):
+    """Every case is marked xdist_group; with xdist off (-p no:xdist, plugin autoload off) that
+    marker must still be known: no PytestUnknownMarkWarning, and --strict-markers accepts it.
+    (A subprocess: in-process runs share pytest's set of known markers with this session's.)"""
+    result = pytester.runpytest_subprocess(f"--model-dir={demo.model}", f"--xy-path={demo.cache}", *GRID,
+                                           "-p", "no:xdist", "--strict-markers", "--co", "-q")
+    assert result.ret == pytest.ExitCode.OK, output(result)
+    assert len(collected(result)) == 28 and "Unknown pytest.mark" not in output(result)
+
+
 def test_grid_mode_full_adds_quant_only_and_rank_only(harness):
     ids = set(collected(harness("--co", "-q", "--grid-mode", "full")))
     extra = case_ids(cfgs=["rank0-nvfp4-blk16", "rank8-none-blknone", "rank16-none-blknone"])

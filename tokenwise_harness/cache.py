@@ -450,6 +450,13 @@ class XYCache:
                 groups.setdefault(e.x_key if grouped else target, [e.x_key]).append(e.y_key)
         self.arena.reserve(max((self.stream_slot_bytes(keys, chunk_tokens) for keys in groups.values()), default=0))
 
+    def allocate_arena(self, device) -> None:
+        """Page-lock the arena reserved so far now, when the streams will be on CUDA (page-locking
+        a chunk of the widest group took 0.07-0.1 s on the H200), so the first stream finds it
+        ready. Nothing for the CPU, the .pt fallback or an arena already in use."""
+        if str(device).startswith("cuda") and self._pt is None and self.arena.reserved and not self.arena.busy:
+            self.arena.ensure(self.arena.reserved)
+
     def close(self) -> None:
         """Release the pinned arena (the cache stays usable: a later CUDA stream allocates it again)."""
         self.arena.release()

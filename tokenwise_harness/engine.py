@@ -550,7 +550,9 @@ def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], 
 
         # Triton's per-process start-up overlaps the weight reads and decompositions below.
         fused_delta.warm_up(device, sorted({(c.fmt, c.blk) for c in configs if c.fmt != "none"}, key=str))
-    prepared = prepare_weights(source, {t: plan[t] for t in targets}, device, max_rank, walk.stats)
+    # The pinned arena is page-locked while the first weights are read, not when X first streams.
+    prepared = prepare_weights(source, {t: plan[t] for t in targets}, device, max_rank, walk.stats,
+                               while_waiting=lambda: cache.allocate_arena(device))
     bar = tqdm(total=len(targets), desc="eval", unit="proj", disable=not progress)
     try:
         for group in _shared_x_runs(cache, prepared):
@@ -656,7 +658,7 @@ class Prepared(NamedTuple):
 
 
 def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_rank: int,
-                    stats: EngineStats, store=None):
+                    stats: EngineStats, store=None, while_waiting: Callable | None = None):
     """Yield a Prepared for each target of `plan` (target -> its configs), in the plan's order.
 
     A weight that cannot be scored (ranks above its size, NaN/Inf values, no smooth factor)
@@ -664,7 +666,8 @@ def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_ra
     Each weight's factors come from the low-rank store when it holds them, else from one exact
     decomposition that is then stored. On CUDA, up to PREFETCH_DEPTH weights ahead are read and
     decomposed on worker threads, each on its own CUDA stream, overlapping the caller's
-    streaming of X for the current input group.
+    streaming of X for the current input group. `while_waiting()` runs on the caller's thread
+    once the first weights are being read, before it waits for the first (on the CPU: first).
     """
     import torch
 
@@ -692,6 +695,8 @@ def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_ra
         stats.seconds_decompose += seconds
 
     if not str(device).startswith("cuda") or len(targets) < 2:
+        if while_waiting is not None:
+            while_waiting()
         for target in targets:
             item, computed, seconds = prepare(target)
             account(computed, seconds)
@@ -715,6 +720,8 @@ def prepare_weights(source, plan: dict[Target, list[SvdqConfig]], device, max_ra
     try:
         for i in range(min(PREFETCH_DEPTH, len(targets))):
             pending[i] = pool.submit(on_worker, i, targets[i])
+        if while_waiting is not None:
+            while_waiting()
         for i in range(len(targets)):
             item, computed, seconds = pending.pop(i).result()
             triple, lowrank = item.triple, item.lowrank

@@ -71,6 +71,8 @@ def _call(config: pytest.Config, method: str, *args: object) -> Any:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "tokenwise: a generated tokenwise precision case")
+    if not config.pluginmanager.hasplugin("xdist"):  # cases carry xdist's marker; without xdist it is ours
+        config.addinivalue_line("markers", "xdist_group(name): cases that read one cached input (for pytest-xdist)")
     if any(config.getoption(name) for name in HARNESS_OPTIONS):
         from tokenwise_harness.pytest_plugin.session import HarnessSession
 
