@@ -561,3 +561,34 @@ def test_prepare_weights_runs_while_waiting_once_before_the_first_weight(qwen2, 
     for item in items:
         events.append(item.target)
     assert events == ["waiting", *targets]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_first_launches_score_random_data_through_the_engine_and_change_no_result(qwen2, device, monkeypatch):
+    """evaluate_plan's warm-up (CUDA) scores one chunk of random data of the first target's shapes
+    with its one-shot configs, W4A4 included, through _WeightScore; it reads nothing from the
+    cache, and the scores of a run after it equal those of a run without it."""
+    model_dir, cache_path = qwen2
+    grid = build_grid([8], parse_qspecs("nvfp4@16"), "combined") + [SvdqConfig(8, "nvfp4", 16, afmt="nvfp4", ablk=16)]
+    cache = XYCache(cache_path)
+    target = cache.targets[0]
+    assert cache.entry(target).out_dim is not None
+    updates = []
+    update = evaluate._WeightScore.update
+    monkeypatch.setattr(evaluate._WeightScore, "update",
+                        lambda self, chunk, y, n, stats, finite: (updates.append((self.target, sorted(self.terms), n)),
+                                                                  update(self, chunk, y, n, stats, finite)))
+    served = dict(cache.bytes_served)
+    evaluate.first_launches(cache, target, grid, 16, device)
+    assert updates == [(target, sorted(c.key for c in grid), 16)]
+    assert dict(cache.bytes_served) == served
+
+    def scores(warm):
+        if not warm:
+            monkeypatch.setattr(evaluate, "first_launches", lambda *a: updates.append("skipped"))
+        plan = {t: grid for t in cache.targets[:4]}
+        return evaluate.evaluate_plan(XYCache(cache_path), evaluate.CheckpointWeights(ModelDir(model_dir), False), plan,
+                                      16, device, progress=False)
+
+    assert scores(True) == scores(False)
+    assert ("skipped" in updates) == device.startswith("cuda")  # evaluate_plan warms up on CUDA only

@@ -550,9 +550,13 @@ def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], 
 
         # Triton's per-process start-up overlaps the weight reads and decompositions below.
         fused_delta.warm_up(device, sorted({(c.fmt, c.blk) for c in configs if c.fmt != "none"}, key=str))
-    # The pinned arena is page-locked while the first weights are read, not when X first streams.
+    def while_first_weights_read():  # on this thread, which would only wait for them
+        cache.allocate_arena(device)  # page-locked now, not when X first streams
+        if walk.quantize_fn is svdq.fake_quantize_weight and targets and str(device).startswith("cuda"):
+            first_launches(cache, targets[0], plan[targets[0]], chunk_tokens, device)
+
     prepared = prepare_weights(source, {t: plan[t] for t in targets}, device, max_rank, walk.stats,
-                               while_waiting=lambda: cache.allocate_arena(device))
+                               while_waiting=while_first_weights_read)
     bar = tqdm(total=len(targets), desc="eval", unit="proj", disable=not progress)
     try:
         for group in _shared_x_runs(cache, prepared):
@@ -564,6 +568,42 @@ def evaluate_plan(cache: XYCache, source, plan: dict[Target, list[SvdqConfig]], 
     walk.stats.configs = len(configs)
     return {(t.layer, t.block, t.proj): {cfg.key: walk.metrics[t][cfg.key] for cfg in plan[t]}
             for t in targets if t in walk.metrics}
+
+
+def first_launches(cache: XYCache, target: Target, configs: list[SvdqConfig], chunk_tokens: int, device) -> None:
+    """Score one chunk of random data of `target`'s shapes with its one-shot configs, through the
+    engine's own functions, and drop the numbers (nothing when the cache has no Y to size W).
+
+    A CUDA kernel's first launch in a process loads it (lazy module loading), and cuBLAS loads
+    its GEMM kernels at their first call: on the H200 the first input group's main-thread work
+    took ~0.5 s longer than a later group's for it. evaluate_plan runs this while the prepare
+    workers read the first weights, when this thread would only wait. It changes no state the
+    scoring reads (its tensors are its own), so the report is the same with or without it."""
+    import torch
+
+    from tokenwise_harness.numerics import svdq
+    from tokenwise_harness.numerics.lowrank import LowRank
+
+    entry = cache.entry(target)
+    configs = [c for c in configs if c.iters == 1]
+    if entry.out_dim is None or not configs:
+        return
+    rows = min(chunk_tokens, cache.n_tokens)
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randn(entry.out_dim, entry.in_dim, device=device, generator=gen) * 0.02
+    rank = min(max(c.rank for c in configs), *w.shape)
+    lowrank = LowRank.from_factors(w[:, :rank].clone(), w[:rank].clone(), torch.ones(rank, device=device))
+    triple = WeightTriple(w, None, None)
+    terms = {c.key: config_term(triple, c, lowrank, svdq.fake_quantize_weight, "first launches") for c in configs}
+    mm = ErrorMatmul(device, cache.torch_dtype(entry.x_key))
+    score = _WeightScore(cache, Member(target, triple, terms), mm, device)
+    x = torch.randn(rows, entry.in_dim, device=device, generator=gen).to(cache.torch_dtype(entry.x_key))
+    y = torch.randn(rows, entry.out_dim, device=device, generator=gen).to(cache.torch_dtype(entry.y_key)) \
+        if entry.y_key is not None else None
+    finite = _FiniteWatch(cache)
+    score.update(_ChunkX(x, None, mm, finite, entry.x_key), y, rows, None, finite)
+    score.result()
+    finite.check()
 
 
 def _shared_x_runs(cache: XYCache, prepared):
