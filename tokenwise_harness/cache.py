@@ -642,10 +642,11 @@ class _ChunkStream:
         for key, parts, _ in pending:
             for f in parts:
                 f.result()
-            landed[key] = self.buffers[slot][key][:n]
+            rows = self.buffers[slot][key][:n]
             if self.cuda:
-                landed[key] = self._copy(landed[key])
+                rows = self._copy(rows)
                 self.arena.record(slot, key, self.copy_stream)  # its next rows are read once this copy is done
+            landed[key] = rows
         for _, _, hashed in pending:
             if hashed is not None:
                 hashed.result()

@@ -33,10 +33,10 @@ def start_cuda_driver(device: str | None) -> threading.Thread | None:
     which releases the GIL around each foreign call, so it runs beside the import (0.44-0.47 s
     there, all of it hidden); torch's own start then finds the driver initialised and the context
     made (the runtime API works in the device's primary context) and does only its own part:
-    0.02-0.03 s after the import instead of 0.14-0.17 s (bench/cuda_overlap.py). It changes nothing torch decides: which device, and
-    every error, come from torch's own start as before. Nothing starts for a CPU request, once
-    torch is imported (too late to gain), or without libcuda; any failure here is left for
-    torch's start to meet and report.
+    0.02-0.03 s after the import instead of 0.14-0.17 s (bench/cuda_overlap.py). It changes
+    nothing torch decides: which device, and every error, come from torch's own start as before.
+    Nothing starts for a CPU request, once torch is imported (too late to gain), or without
+    libcuda; any failure here is left for torch's start to meet and report.
 
     `device`: the front end's --device value (None / auto / cpu / cuda / cuda:N). Returns the
     thread (tests join it), or None when nothing was started.

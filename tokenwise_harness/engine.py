@@ -295,13 +295,14 @@ def evaluate_weight(cache: XYCache, target: Target, triple: WeightTriple, terms:
 
 
 def evaluate_weights(cache: XYCache, members: list[Member], chunk_tokens: int, device,
-                     stats: "EngineStats | None" = None) -> dict[Target, dict[str, dict]]:
+                     stats: "EngineStats | None" = None, chunks=None) -> dict[Target, dict[str, dict]]:
     """Metrics of every member's configs from one pass over the cached X they all read.
 
     Members share X (q/k/v or gate/up, or a weight alone: cache.CacheEntry.x_key): it is
     read, converted and (per distinct smooth factor) divided once per chunk. The reference
     term, Y and every error term stay per weight, with the arithmetic of a pass of its own,
-    so the numbers are bit-identical to scoring each weight alone.
+    so the numbers are bit-identical to scoring each weight alone. `chunks`: (start, end,
+    [X, each member's Y]) to score instead of the cache's stream (first_launches' random chunk).
     """
     x_key = cache.entry(members[0].target).x_key
     if any(cache.entry(m.target).x_key != x_key for m in members):
@@ -310,7 +311,9 @@ def evaluate_weights(cache: XYCache, members: list[Member], chunk_tokens: int, d
     scores = [_WeightScore(cache, m, mm, device) for m in members]
     same_s = _distinct_smooth([m.triple.smooth for m in members])
     finite = _FiniteWatch(cache)
-    for start, end, (x_stored, *ys) in cache.stream([x_key, *(s.y_key for s in scores)], chunk_tokens, device):
+    if chunks is None:
+        chunks = cache.stream([x_key, *(s.y_key for s in scores)], chunk_tokens, device)
+    for start, end, (x_stored, *ys) in chunks:
         finite.watch(x_stored, x_key)
         views: dict[int, _ChunkX] = {}  # first member with this smooth factor -> its view of the chunk
         for i, (score, y_stored) in enumerate(zip(scores, ys)):
@@ -595,15 +598,10 @@ def first_launches(cache: XYCache, target: Target, configs: list[SvdqConfig], ch
     lowrank = LowRank.from_factors(w[:, :rank].clone(), w[:rank].clone(), torch.ones(rank, device=device))
     triple = WeightTriple(w, None, None)
     terms = {c.key: config_term(triple, c, lowrank, svdq.fake_quantize_weight, "first launches") for c in configs}
-    mm = ErrorMatmul(device, cache.torch_dtype(entry.x_key))
-    score = _WeightScore(cache, Member(target, triple, terms), mm, device)
     x = torch.randn(rows, entry.in_dim, device=device, generator=gen).to(cache.torch_dtype(entry.x_key))
     y = torch.randn(rows, entry.out_dim, device=device, generator=gen).to(cache.torch_dtype(entry.y_key)) \
         if entry.y_key is not None else None
-    finite = _FiniteWatch(cache)
-    score.update(_ChunkX(x, None, mm, finite, entry.x_key), y, rows, None, finite)
-    score.result()
-    finite.check()
+    evaluate_weights(cache, [Member(target, triple, terms)], rows, device, chunks=[(0, rows, [x, y])])
 
 
 def _shared_x_runs(cache: XYCache, prepared):
